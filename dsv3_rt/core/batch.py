@@ -1,0 +1,54 @@
+"""What one forward step computes: a flat (varlen) batch of new tokens from several sequences.
+
+Tokens of all sequences are concatenated: sequence b contributes `lengths[b]` new tokens at positions
+`starts[b] .. starts[b] + lengths[b] - 1`, and its latent cache lives in row `slots[b]` of the cache.
+Prefill (starts = 0), decode (lengths = 1), chunked prefill, MTP verification (lengths = k + 1) and a
+continuously batched mix of all of them are the same thing here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttnBatch:
+    slots: list[int]  # cache row of each sequence
+    starts: list[int]  # tokens already in the cache for each sequence
+    lengths: list[int]  # new tokens of each sequence in this step
+    positions: torch.Tensor  # [T] int64 absolute position of each token, on the compute device
+
+    @classmethod
+    def build(cls, slots: list[int], starts: list[int], lengths: list[int], device: torch.device | str = "cpu") -> AttnBatch:
+        if not (len(slots) == len(starts) == len(lengths)):
+            raise ValueError("slots, starts and lengths must have one entry per sequence")
+        if any(n <= 0 for n in lengths):
+            raise ValueError("every sequence in a step must bring at least one token")
+        pos = torch.cat([torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(starts, lengths)])
+        return cls(list(slots), list(starts), list(lengths), pos.to(device))
+
+    @classmethod
+    def single(cls, length: int, start: int = 0, slot: int = 0, device: torch.device | str = "cpu") -> AttnBatch:
+        return cls.build([slot], [start], [length], device)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def last_token_rows(self) -> list[int]:
+        """Row in the flat token dimension of each sequence's last new token."""
+        rows, end = [], 0
+        for n in self.lengths:
+            end += n
+            rows.append(end - 1)
+        return rows
+
+    def spans(self) -> list[tuple[int, int, int, int]]:
+        """(slot, start, row offset in the flat batch, length) per sequence."""
+        out, off = [], 0
+        for slot, start, n in zip(self.slots, self.starts, self.lengths):
+            out.append((slot, start, off, n))
+            off += n
+        return out

@@ -1,0 +1,356 @@
+"""The kernel interface: the closed set of ops the DeepSeek-V3 graph calls, and their reference semantics.
+
+`Kernels` is both the contract and the reference implementation: plain torch, computing in fp32, written to
+mirror DeepSeek's formulas. A backend subclasses it and overrides what it implements natively; anything it
+does not override runs this reference code and is reported as a fallback (see `Capabilities.ops`).
+
+Conventions shared by every op:
+- Tensors cross the interface as torch tensors on `self.device`. A backend that is not torch converts at its
+  edge (on CPU `tensor.numpy()` is zero-copy).
+- Activations are [T, ...] with T the flat token count of an `AttnBatch` (several sequences concatenated).
+- Activations come in and go out in `self.compute_dtype` unless an op says otherwise; router weights,
+  logits and sampling work in fp32.
+- Matrices are `Weight`s in PyTorch [out, in] order; `prepare_weight` chose their format at load time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.weights import Weight, dense, quantize_int4_group, quantize_int8_rowwise
+
+API_VERSION = 1
+
+#: Every op of the interface, in the order a token meets them. `Capabilities.ops` names a subset of these.
+OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "mla_attention",
+       "moe_route", "moe_experts", "dense_mlp", "sampling_probs", "sample", "all_reduce", "all_gather")
+
+#: Runtime weight formats selectable with `dtype=` at load.
+DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How DeepSeek picks experts (V3: sigmoid + correction bias + group limit; V2: softmax)."""
+
+    top_k: int
+    n_group: int = 1
+    topk_group: int = 1
+    scoring: str = "sigmoid"  # "sigmoid" | "softmax"
+    group_score: str = "top2_sum"  # "top2_sum" (V3 noaux_tc) | "max" (V2 group_limited_greedy) | "none"
+    normalize: bool = True  # divide the k weights by their sum
+    scaling: float = 1.0  # routed_scaling_factor, applied last
+
+
+@dataclass
+class ExpertWeights:
+    """The routed experts a rank holds: global ids `first .. first + count - 1`, stacked [count, out, in]."""
+
+    gate: Weight  # [count, I, D]
+    up: Weight  # [count, I, D]
+    down: Weight  # [count, D, I]
+    first: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-private packed forms
+
+    @property
+    def count(self) -> int:
+        return self.gate.shape[0]
+
+
+@dataclass
+class LatentCache:
+    """MLA's cache: per layer only the normalised kv latent and the roped shared key of each token.
+
+    kv[layer]: [slots, max_len, kv_lora_rank], pe[layer]: [slots, max_len, qk_rope_head_dim]; a slot is one
+    sequence. Entries at positions >= a sequence's length are garbage, so rolling back is free.
+    """
+
+    kv: list[torch.Tensor]
+    pe: list[torch.Tensor]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv[0].shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.kv[0].shape[0]
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, as data. Core code asks these, never the backend's identity."""
+
+    compute_dtypes: tuple[str, ...] = ("float32",)  # first = default
+    weight_formats: tuple[str, ...] = ("f32",)  # formats its linear/moe kernels compute on natively
+    dtypes: tuple[str, ...] = ("float32",)  # values of load(dtype=...) it accepts; first = default
+    ops: tuple[str, ...] = ()  # ops it implements itself; the others fall back to the reference
+    kv_cache_dtypes: tuple[str, ...] = ("float32",)
+    distributed_backend: str = "gloo"  # torch.distributed backend for its collectives
+    features: tuple[str, ...] = ()  # namespaced extras, e.g. "mla.absorb", "moe.grouped_gemm"
+
+
+class Kernels:
+    """Reference kernels (and the base class of every backend).
+
+    Class attributes identify a backend; a backend overrides them and any ops it implements.
+    """
+
+    name: ClassVar[str] = "reference"
+    device_type: ClassVar[str] = "cpu"
+    api_version: ClassVar[int] = API_VERSION
+    priority: ClassVar[int] = 0
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        compute_dtypes=("float32", "bfloat16"),
+        weight_formats=("f32", "bf16", "f16", "fp8_e4m3fn", "fp8_e4m3fnuz", "int8_rowwise", "int4_group"),
+        dtypes=DTYPES,
+        ops=OPS,
+        kv_cache_dtypes=("float32", "bfloat16"),
+        distributed_backend="gloo",
+    )
+
+    @classmethod
+    def probe(cls) -> Availability:
+        """Whether this backend can run here, and why (never raises; imports vendor libraries lazily)."""
+        return Availability(True, "pure torch, runs anywhere torch does")
+
+    @classmethod
+    def device_name(cls) -> str:
+        return "torch CPU"
+
+    def __init__(self, dtype: str = "float32", device: str | torch.device | None = None, **options: Any) -> None:
+        """dtype: runtime weight format (see DTYPES); the compute dtype follows from it (fp32 for float32,
+        bf16 otherwise unless the backend's capabilities say only fp32)."""
+        if dtype not in self.capabilities.dtypes:
+            from dsv3_rt.core.errors import BackendError
+
+            raise BackendError(f"backend {self.name!r} does not support dtype {dtype!r}; it supports {', '.join(self.capabilities.dtypes)}")
+        self.dtype = dtype
+        self.device = torch.device(device or self.device_type)
+        want = "float32" if dtype == "float32" else "bfloat16"
+        if want not in self.capabilities.compute_dtypes:
+            want = self.capabilities.compute_dtypes[0]
+        self.compute_dtype: torch.dtype = getattr(torch, want)
+        self.options = options
+
+    # --- weights --------------------------------------------------------------------------------------------
+    def prepare_weight(self, w: Weight, usage: str) -> Weight:
+        """Turn a checkpoint weight into the runtime format this kernels object computes on. Called once per
+        weight at load; the result is what later ops receive.
+
+        usage: "linear" | "experts" (stacked [E, out, in]) | "embedding" | "head" | "router" | "mla_kv_b".
+        Reference policy: the router stays fp32 (DeepSeek computes it in fp32); embedding, head and kv_b
+        stay dense in the compute dtype; other matrices follow `self.dtype` (fp8 kept as shipped).
+        """
+        if usage == "router":
+            return dense(w.dequantize(torch.float32).to(self.device))
+        if usage in ("embedding", "head", "mla_kv_b") or self.dtype in ("float32", "bfloat16"):
+            if w.format in ("f32", "bf16", "f16") and w.data.dtype == self.compute_dtype:
+                return Weight(w.format, w.data.to(self.device), w.shape, None, w.meta)
+            return dense(w.dequantize(self.compute_dtype).to(self.device))
+        if self.dtype == "fp8":
+            if w.format.startswith("fp8"):
+                return w
+            return dense(w.dequantize(self.compute_dtype).to(self.device))
+        full = w.dequantize(torch.float32)
+        return quantize_int8_rowwise(full) if self.dtype == "int8" else quantize_int4_group(full)
+
+    def prepare_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """A small vector (norm weight, correction bias) moved to the device; norms in the compute dtype."""
+        return t.to(self.device)
+
+    def new_latent_cache(self, layers: int, slots: int, max_len: int, kv_lora_rank: int, rope_dim: int) -> LatentCache:
+        """Zeroed latent caches for `layers` MLA layers, `slots` sequences of up to `max_len` tokens."""
+        z = lambda d: torch.zeros(slots, max_len, d, dtype=self.compute_dtype, device=self.device)  # noqa: E731
+        return LatentCache([z(kv_lora_rank) for _ in range(layers)], [z(rope_dim) for _ in range(layers)])
+
+    # --- ops ------------------------------------------------------------------------------------------------
+    def embedding(self, ids: torch.Tensor, table: Weight) -> torch.Tensor:
+        """ids [T] int64 -> rows of table [V, D] as [T, D] compute dtype (no scaling)."""
+        return table.select(ids).dequantize(torch.float32).to(self.compute_dtype)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [T, D] -> weight * (x / sqrt(mean(x², -1) + eps)); the normalisation in fp32, then cast to x's
+        dtype before the weight multiply (as transformers does)."""
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return (weight.to(x.dtype) * normed).to(x.dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual): the residual add fused with the next norm."""
+        s = x + residual
+        return self.rms_norm(s, weight, eps), s
+
+    def linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
+        """x [T, K] -> x @ W.T as [T, N], W the dequantised [N, K] weight; fp32 accumulation."""
+        return (x.float() @ w.dequantize(torch.float32).T).to(x.dtype)
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> torch.Tensor:
+        """Rotary embedding on interleaved pairs, as DeepSeek's checkpoints lay them out.
+
+        x [T, ..., d] (d = qk_rope_head_dim), positions [T] int64, inv_freq [d/2] fp32. With
+        a = positions[t] * inv_freq[i], c = cos(a) * attention_factor, s = sin(a) * attention_factor:
+        y[2i] = x[2i] c - x[2i+1] s,  y[2i+1] = x[2i] s + x[2i+1] c.  Output in x's dtype.
+        """
+        angle = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, d/2]
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (angle.shape[-1],)
+        c = (angle.cos() * attention_factor).view(shape)
+        s = (angle.sin() * attention_factor).view(shape)
+        pairs = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+    def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                      kv_b: Weight, cache: LatentCache, layer: int, batch: AttnBatch, softmax_scale: float) -> torch.Tensor:
+        """Multi-head latent attention over the latent cache, causal within each sequence.
+
+        q_nope [T, H, dn], q_pe [T, H, dr] (roped), kv [T, r] (normalised latent), k_pe [T, dr] (roped);
+        kv_b: the [H * (dn + dv), r] up-projection (per head dn key rows then dv value rows).
+        First writes kv / k_pe of each new token into `cache` at (slot, position). Then for each sequence,
+        token s (position p_s) attends to cached positions 0..p_s:
+          K_h[t] = [W_UK[h] kv[t] ; k_pe[t]],  V_h[t] = W_UV[h] kv[t],
+          o_h[s] = softmax_t(softmax_scale * q_h[s] . K_h[t]) V_h[t]      -> [T, H, dv] compute dtype.
+        Sequences whose context is all new use the naive form; the others the absorbed form (equal maths).
+        """
+        from dsv3_rt.core import mla
+
+        for slot, start, off, n in batch.spans():
+            cache.kv[layer][slot, start:start + n] = kv[off:off + n].to(cache.kv[layer].dtype)
+            cache.pe[layer][slot, start:start + n] = k_pe[off:off + n].to(cache.pe[layer].dtype)
+        w = kv_b.dequantize(torch.float32)
+        out = []
+        for slot, start, off, n in batch.spans():
+            ctx_kv = cache.kv[layer][slot, :start + n].float()
+            ctx_pe = cache.pe[layer][slot, :start + n].float()
+            form = mla.naive if start == 0 else mla.absorbed
+            out.append(form(q_nope[off:off + n].float(), q_pe[off:off + n].float(), ctx_kv, ctx_pe, w, start, softmax_scale))
+        return torch.cat(out).to(self.compute_dtype)
+
+    def moe_route(self, x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick top_k experts per token. x [T, D] -> (weights [T, k] fp32, ids [T, k] int64).
+
+        logits = x @ gate.T in fp32; s = sigmoid(logits) or softmax(logits).
+        Selection scores b = s + bias (bias only for selection; absent: b = s). With n_group > 1 the E
+        experts form n_group consecutive groups; a group's score is the sum of its top-2 b ("top2_sum") or
+        its max ("max"); only the topk_group best groups stay, the other experts' b become -inf.
+        ids = top_k of b (ties: lowest id first); weights = s[ids], divided by their sum if `normalize`,
+        then times `scaling`.
+        """
+        logits = x.float() @ gate.dequantize(torch.float32).T
+        scores = logits.sigmoid() if spec.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if bias is None else scores + bias.float()
+        if spec.n_group > 1 and spec.group_score != "none":
+            grouped = choice.unflatten(-1, (spec.n_group, -1))  # [T, G, E/G]
+            gscore = grouped.topk(2, dim=-1).values.sum(-1) if spec.group_score == "top2_sum" else grouped.amax(-1)
+            keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, _topk_ids(gscore, spec.topk_group), True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        ids = _topk_ids(choice, spec.top_k)
+        weights = scores.gather(1, ids)
+        if spec.normalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * spec.scaling, ids
+
+    def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+        """sum_k weights[t, k] * E_ids[t,k](x[t]) over the experts this rank holds; [T, D] compute dtype.
+
+        E_e(x) = down_e(silu(gate_e x) * up_e x). Ids outside first..first+count-1 contribute zero (they
+        live on other ranks). Only the selected experts are computed.
+        """
+        local = ids - experts.first
+        held = (local >= 0) & (local < experts.count)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        tok, slot = held.nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            return out.to(self.compute_dtype)
+        eid = local[tok, slot]
+        for e in eid.unique().tolist():  # one matmul per selected expert, never a loop over all experts
+            sel = eid == e
+            t = tok[sel]
+            idx = torch.tensor([e], device=x.device)
+            g, u, d = (w.select(idx).dequantize(torch.float32)[0] for w in (experts.gate, experts.up, experts.down))
+            xe = x[t].float()
+            y = (F.silu(xe @ g.T) * (xe @ u.T)) @ d.T
+            out.index_add_(0, t, y * weights[t, slot[sel]].float()[:, None])
+        return out.to(self.compute_dtype)
+
+    def dense_mlp(self, x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
+        """SwiGLU FFN: down(silu(gate x) * up x); [T, D] -> [T, D]. Dense layers and shared experts."""
+        xf = x.float()
+        g, u, d = (w.dequantize(torch.float32) for w in (gate, up, down))
+        return ((F.silu(xf @ g.T) * (xf @ u.T)) @ d.T).to(x.dtype)
+
+    def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """The distribution a token is drawn from, per row. logits [B, V] fp32 -> probs [B, V] fp32.
+
+        temperature[b] == 0: one-hot at argmax (lowest id on ties). Otherwise softmax(logits / T), keep
+        the top_k[b] most likely (0 = all), then the smallest prefix of the sorted tokens whose mass
+        reaches top_p[b] (the token that crosses it is kept), renormalised.
+        """
+        logits = logits.float()
+        greedy = temperature <= 0
+        t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+        probs = torch.softmax(logits / t[:, None], dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, probs.shape[-1]))
+        keep = rank < k[:, None]
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+        keep &= before < top_p.float()[:, None]
+        keep[:, 0] = True
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+        onehot = F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.where(greedy[:, None], onehot, probs)
+
+    def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               uniform: torch.Tensor) -> torch.Tensor:
+        """Draw one token per row by inverting the CDF of `sampling_probs` at uniform[b] in [0, 1).
+
+        The caller draws `uniform` from each sequence's own generator, so a sequence's tokens do not depend
+        on what else is in the batch. Returns [B] int64.
+        """
+        probs = self.sampling_probs(logits, temperature, top_k, top_p)
+        return inverse_cdf(probs, uniform)
+
+    def all_reduce(self, x: torch.Tensor, group: Any) -> torch.Tensor:
+        """Sum x over the ranks of `group` (torch.distributed). Identity when group is None."""
+        if group is None:
+            return x
+        import torch.distributed as dist
+
+        y = x.float() if x.dtype == torch.bfloat16 and self.capabilities.distributed_backend == "gloo" else x.clone()
+        dist.all_reduce(y, group=group)
+        return y.to(x.dtype)
+
+    def all_gather(self, x: torch.Tensor, group: Any, dim: int = -1) -> torch.Tensor:
+        """Concatenate x from every rank of `group` along `dim`, in rank order. Identity when group is None."""
+        if group is None:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+
+def _topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest per row; ties resolved to the lowest index (stable sort)."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """First id whose cumulative probability exceeds uniform[b] * total (it always has probability > 0)."""
+    cdf = probs.cumsum(-1)
+    u = uniform.float().clamp(0, 1 - 1e-7)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

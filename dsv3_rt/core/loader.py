@@ -1,0 +1,233 @@
+"""Build the graph's weights from any `TensorSource`, checking every shape against the config.
+
+Each tensor is read, handed to the backend's `prepare_weight` once and dropped, so the model never exists
+twice in memory. Under tensor/expert parallelism each rank reads only its own rows, columns and experts.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from dsv3_rt.core.checkpoint import Range, TensorSource
+from dsv3_rt.core.config import ModelConfig
+from dsv3_rt.core.errors import CheckpointError
+from dsv3_rt.core.kernels import ExpertWeights, Kernels
+from dsv3_rt.core.parallel import SINGLE, Parallel
+from dsv3_rt.core.weights import Weight
+from dsv3_rt.graph import AttentionWeights, LayerWeights, MLPWeights, ModelWeights, MoEWeights, MTPWeights
+
+
+def expected_shapes(cfg: ModelConfig, with_mtp: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a (BF16) HF checkpoint for `cfg`, by name, with its full shape."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    s: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, D),
+        "model.norm.weight": (D,),
+    }
+    if not cfg.tie_word_embeddings:
+        s["lm_head.weight"] = (cfg.vocab_size, D)
+
+    def layer(p: str, i: int) -> None:
+        s[f"{p}.input_layernorm.weight"] = (D,)
+        s[f"{p}.post_attention_layernorm.weight"] = (D,)
+        a = f"{p}.self_attn"
+        if cfg.q_lora_rank is None:
+            s[f"{a}.q_proj.weight"] = (H * (dn + dr), D)
+        else:
+            s[f"{a}.q_a_proj.weight"] = (cfg.q_lora_rank, D)
+            s[f"{a}.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+            s[f"{a}.q_b_proj.weight"] = (H * (dn + dr), cfg.q_lora_rank)
+        s[f"{a}.kv_a_proj_with_mqa.weight"] = (r + dr, D)
+        s[f"{a}.kv_a_layernorm.weight"] = (r,)
+        s[f"{a}.kv_b_proj.weight"] = (H * (dn + dv), r)
+        s[f"{a}.o_proj.weight"] = (D, H * dv)
+        m = f"{p}.mlp"
+        if cfg.is_moe_layer(i):
+            E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
+            s[f"{m}.gate.weight"] = (E, D)
+            if cfg.uses_correction_bias:
+                s[f"{m}.gate.e_score_correction_bias"] = (E,)
+            for e in range(E):
+                s[f"{m}.experts.{e}.gate_proj.weight"] = (I, D)
+                s[f"{m}.experts.{e}.up_proj.weight"] = (I, D)
+                s[f"{m}.experts.{e}.down_proj.weight"] = (D, I)
+            if cfg.n_shared_experts:
+                Is = I * cfg.n_shared_experts
+                s[f"{m}.shared_experts.gate_proj.weight"] = (Is, D)
+                s[f"{m}.shared_experts.up_proj.weight"] = (Is, D)
+                s[f"{m}.shared_experts.down_proj.weight"] = (D, Is)
+        else:
+            s[f"{m}.gate_proj.weight"] = (cfg.intermediate_size, D)
+            s[f"{m}.up_proj.weight"] = (cfg.intermediate_size, D)
+            s[f"{m}.down_proj.weight"] = (D, cfg.intermediate_size)
+
+    for i in range(cfg.num_hidden_layers):
+        layer(f"model.layers.{i}", i)
+    if with_mtp:
+        for d in range(cfg.num_nextn_predict_layers):
+            i = cfg.num_hidden_layers + d
+            p = f"model.layers.{i}"
+            layer(p, i)
+            s[f"{p}.enorm.weight"] = (D,)
+            s[f"{p}.hnorm.weight"] = (D,)
+            s[f"{p}.eh_proj.weight"] = (D, 2 * D)
+            s[f"{p}.shared_head.norm.weight"] = (D,)
+    return s
+
+
+class WeightBuilder:
+    """Reads, checks, slices and prepares the weights of one model for one rank."""
+
+    def __init__(self, cfg: ModelConfig, src: TensorSource, kernels: Kernels, parallel: Parallel = SINGLE) -> None:
+        self.cfg, self.src, self.k, self.par = cfg, src, kernels, parallel
+        self.shapes = expected_shapes(cfg)
+
+    # --- primitives -----------------------------------------------------------------------------------------
+    def _check(self, name: str, got: tuple[int, ...], rows: Range | None, cols: Range | None) -> None:
+        want = list(self.shapes.get(name, got))
+        if rows:
+            want[0] = rows[1] - rows[0]
+        if cols:
+            want[1] = cols[1] - cols[0]
+        if tuple(got) != tuple(want):
+            raise CheckpointError(f"tensor {name} has shape {tuple(got)}, expected {tuple(want)} from the config")
+
+    def matrix(self, name: str, usage: str = "linear", rows: Range | None = None, cols: Range | None = None) -> Weight:
+        if not self.src.has(name):
+            raise CheckpointError(f"checkpoint is missing tensor {name}")
+        w = self.src.weight(name, rows, cols)
+        self._check(name, w.shape, rows, cols)
+        return self.k.prepare_weight(w, usage)
+
+    def vector(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if not self.src.has(name):
+            raise CheckpointError(f"checkpoint is missing tensor {name}")
+        t = self.src.vector(name)
+        self._check(name, tuple(t.shape), None, None)
+        return self.k.prepare_tensor(t.to(dtype or self.k.compute_dtype))
+
+    # --- blocks ---------------------------------------------------------------------------------------------
+    def heads(self) -> Range:
+        return self.par.shard(self.cfg.num_attention_heads)
+
+    def attention(self, p: str) -> AttentionWeights:
+        cfg = self.cfg
+        h0, h1 = self.heads()
+        qk, v = cfg.qk_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim
+        a = f"{p}.self_attn"
+        q_rows = (h0 * qk, h1 * qk)
+        sharded = self.par.tp_size > 1
+        w = AttentionWeights(
+            kv_a=self.matrix(f"{a}.kv_a_proj_with_mqa.weight"),
+            kv_a_norm=self.vector(f"{a}.kv_a_layernorm.weight"),
+            kv_b=self.matrix(f"{a}.kv_b_proj.weight", "mla_kv_b", rows=(h0 * v, h1 * v) if sharded else None),
+            o=self.matrix(f"{a}.o_proj.weight", cols=(h0 * cfg.v_head_dim, h1 * cfg.v_head_dim) if sharded else None),
+        )
+        if cfg.q_lora_rank is None:
+            w.q = self.matrix(f"{a}.q_proj.weight", rows=q_rows if sharded else None)
+        else:
+            w.q_a = self.matrix(f"{a}.q_a_proj.weight")
+            w.q_a_norm = self.vector(f"{a}.q_a_layernorm.weight")
+            w.q_b = self.matrix(f"{a}.q_b_proj.weight", rows=q_rows if sharded else None)
+        return w
+
+    def mlp(self, p: str, inter: int) -> MLPWeights:
+        sharded = self.par.tp_size > 1
+        cols = self.par.shard(inter) if sharded else None
+        return MLPWeights(
+            gate=self.matrix(f"{p}.gate_proj.weight", rows=cols),
+            up=self.matrix(f"{p}.up_proj.weight", rows=cols),
+            down=self.matrix(f"{p}.down_proj.weight", cols=cols),
+        )
+
+    def experts(self, p: str) -> ExpertWeights:
+        E = self.cfg.n_routed_experts
+        first, last = self.par.shard(E, self.par.ep_size, self.par.ep_rank)
+        stacked = {}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            parts = []
+            for e in range(first, last):
+                name = f"{p}.experts.{e}.{proj}.weight"
+                if not self.src.has(name):
+                    raise CheckpointError(f"checkpoint is missing tensor {name}")
+                w = self.src.weight(name)
+                self._check(name, w.shape, None, None)
+                parts.append(w)
+            stacked[proj] = self.k.prepare_weight(_stack(parts), "experts")
+            del parts
+        return ExpertWeights(stacked["gate_proj"], stacked["up_proj"], stacked["down_proj"], first=first)
+
+    def layer(self, i: int) -> LayerWeights:
+        p = f"model.layers.{i}"
+        cfg = self.cfg
+        if cfg.is_moe_layer(i):
+            m = f"{p}.mlp"
+            bias = f"{m}.gate.e_score_correction_bias"
+            ffn: MLPWeights | MoEWeights = MoEWeights(
+                router=self.matrix(f"{m}.gate.weight", "router"),
+                bias=self.vector(bias, torch.float32) if cfg.uses_correction_bias else None,
+                experts=self.experts(m),
+                shared=self.mlp(f"{m}.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None,
+            )
+        else:
+            ffn = self.mlp(f"{p}.mlp", cfg.intermediate_size)
+        return LayerWeights(
+            attn_norm=self.vector(f"{p}.input_layernorm.weight"),
+            attn=self.attention(p),
+            ffn_norm=self.vector(f"{p}.post_attention_layernorm.weight"),
+            ffn=ffn,
+        )
+
+    def vocab_rows(self) -> Range | None:
+        return self.par.shard(self.cfg.vocab_size) if self.par.tp_size > 1 else None
+
+    def mtp(self, depth: int) -> MTPWeights:
+        i = self.cfg.num_hidden_layers + depth
+        p = f"model.layers.{i}"
+        own = lambda n: self.src.has(f"{p}.{n}")  # noqa: E731 - the checkpoint may omit shared copies
+        return MTPWeights(
+            enorm=self.vector(f"{p}.enorm.weight"),
+            hnorm=self.vector(f"{p}.hnorm.weight"),
+            eh_proj=self.matrix(f"{p}.eh_proj.weight"),
+            layer=self.layer(i),
+            norm=self.vector(f"{p}.shared_head.norm.weight"),
+            head=self.matrix(f"{p}.shared_head.head.weight", "head", rows=self.vocab_rows()) if own("shared_head.head.weight") else None,
+            embed=self.matrix(f"{p}.embed_tokens.weight", "embedding", rows=self.vocab_rows()) if own("embed_tokens.weight") else None,
+        )
+
+    def has_mtp(self) -> bool:
+        cfg = self.cfg
+        return cfg.num_nextn_predict_layers > 0 and self.src.has(f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight")
+
+    def build(self, progress: bool = True, desc: str = "loading") -> ModelWeights:
+        cfg = self.cfg
+        n_mtp = cfg.num_nextn_predict_layers if self.has_mtp() else 0
+        steps = tqdm(total=cfg.num_hidden_layers + n_mtp + 2, desc=desc, unit="layer",
+                     disable=not progress or not self.par.is_main, leave=False)
+        with steps:
+            embed = self.matrix("model.embed_tokens.weight", "embedding", rows=self.vocab_rows())
+            steps.update()
+            layers = []
+            for i in range(cfg.num_hidden_layers):
+                layers.append(self.layer(i))
+                steps.update()
+            head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings and not self.src.has("lm_head.weight") else "lm_head.weight"
+            head = self.matrix(head_name, "head", rows=self.vocab_rows())
+            norm = self.vector("model.norm.weight")
+            steps.update()
+            mtp = []
+            for d in range(n_mtp):
+                mtp.append(self.mtp(d))
+                steps.update()
+        return ModelWeights(embed=embed, layers=layers, norm=norm, head=head, mtp=mtp)
+
+
+def _stack(parts: list[Weight]) -> Weight:
+    """Per-expert weights of one format -> one [E, out, in] weight of that format."""
+    first = parts[0]
+    if any(p.format != first.format for p in parts):
+        raise CheckpointError("experts of one layer are stored in different formats")
+    data = torch.stack([p.data for p in parts])
+    scale = None if first.scale is None else torch.stack([p.scale for p in parts])
+    return Weight(first.format, data, (len(parts), *first.shape), scale, first.meta)

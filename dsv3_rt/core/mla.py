@@ -1,0 +1,44 @@
+"""The two equal forms of MLA for one sequence, in fp32: the reference kernels' building blocks.
+
+Shapes: n new query tokens at positions start..start+n-1, a context of L = start + n cached tokens,
+H heads, dn / dr / dv the nope / rope / value head dims, r the kv latent rank.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _causal(scores: torch.Tensor, start: int) -> torch.Tensor:
+    """Mask scores [n, H, L] so the query at position start + s sees keys 0..start + s only."""
+    n, _, length = scores.shape
+    q_pos = torch.arange(start, start + n, device=scores.device)[:, None, None]
+    k_pos = torch.arange(length, device=scores.device)[None, None, :]
+    return scores.masked_fill(k_pos > q_pos, float("-inf"))
+
+
+def _split_kv_b(w_kv_b: torch.Tensor, heads: int, dn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b [H * (dn + dv), r] -> W_UK [H, dn, r], W_UV [H, dv, r]."""
+    per_head = w_kv_b.view(heads, -1, w_kv_b.shape[-1])
+    return per_head[:, :dn], per_head[:, dn:]
+
+
+def naive(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor, ctx_pe: torch.Tensor,
+          w_kv_b: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Materialise per-head keys and values from the latent (MHA form). -> [n, H, dv]"""
+    w_uk, w_uv = _split_kv_b(w_kv_b, q_nope.shape[1], q_nope.shape[2])
+    k_nope = torch.einsum("lr,hdr->lhd", ctx_kv, w_uk)  # [L, H, dn]
+    v = torch.einsum("lr,hdr->lhd", ctx_kv, w_uv)  # [L, H, dv]
+    scores = torch.einsum("shd,lhd->shl", q_nope, k_nope) + torch.einsum("shd,ld->shl", q_pe, ctx_pe)
+    probs = _causal(scores * scale, start).softmax(dim=-1)
+    return torch.einsum("shl,lhd->shd", probs, v)
+
+
+def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor, ctx_pe: torch.Tensor,
+             w_kv_b: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Fold W_UK into the query and W_UV after attention; attend over the latent itself (MQA form)."""
+    w_uk, w_uv = _split_kv_b(w_kv_b, q_nope.shape[1], q_nope.shape[2])
+    q_abs = torch.einsum("shd,hdr->shr", q_nope, w_uk)  # [n, H, r]
+    scores = torch.einsum("shr,lr->shl", q_abs, ctx_kv) + torch.einsum("shd,ld->shl", q_pe, ctx_pe)
+    probs = _causal(scores * scale, start).softmax(dim=-1)
+    latent = torch.einsum("shl,lr->shr", probs, ctx_kv)  # [n, H, r]
+    return torch.einsum("shr,hdr->shd", latent, w_uv)

@@ -1,0 +1,174 @@
+"""DeepSeek-V3, written once: MLA, dense and MoE layers, the head, and the MTP module.
+
+Every computation goes through a `Kernels` object (the backend); this file holds no device logic and no
+vendor names. Tensors are flat over the tokens of a batch: T = all new tokens of all sequences.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.config import ModelConfig
+from dsv3_rt.core.kernels import ExpertWeights, Kernels, LatentCache, RouterSpec
+from dsv3_rt.core.parallel import SINGLE, Parallel
+from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
+from dsv3_rt.core.weights import Weight
+
+
+@dataclass
+class AttentionWeights:
+    kv_a: Weight  # [r + dr, D]: latent rows then the shared rope key rows
+    kv_a_norm: torch.Tensor  # [r]
+    kv_b: Weight  # [H * (dn + dv), r]
+    o: Weight  # [D, H * dv]
+    q: Weight | None = None  # [H * (dn + dr), D] when there is no query compression
+    q_a: Weight | None = None  # [q_lora, D]
+    q_a_norm: torch.Tensor | None = None  # [q_lora]
+    q_b: Weight | None = None  # [H * (dn + dr), q_lora]
+
+
+@dataclass
+class MLPWeights:
+    gate: Weight  # [I, D]
+    up: Weight  # [I, D]
+    down: Weight  # [D, I]
+
+
+@dataclass
+class MoEWeights:
+    router: Weight  # [E, D], fp32
+    bias: torch.Tensor | None  # [E] fp32 e_score_correction_bias (selection only)
+    experts: ExpertWeights
+    shared: MLPWeights | None
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    attn: AttentionWeights
+    ffn_norm: torch.Tensor
+    ffn: MLPWeights | MoEWeights
+
+
+@dataclass
+class MTPWeights:
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    eh_proj: Weight  # [D, 2D] over [enorm(embedding) ; hnorm(hidden)]
+    layer: LayerWeights
+    norm: torch.Tensor  # shared_head.norm
+    head: Weight | None = None  # None: the main model's head
+    embed: Weight | None = None  # None: the main model's embedding
+
+
+@dataclass
+class ModelWeights:
+    embed: Weight  # [V, D] (this rank's vocabulary rows under tp)
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    head: Weight  # [V, D] (this rank's vocabulary rows under tp)
+    mtp: list[MTPWeights]
+
+
+class DeepseekV3:
+    """The forward pass. `forward` returns final-normed hidden states; `logits` applies the head."""
+
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, weights: ModelWeights, parallel: Parallel = SINGLE) -> None:
+        self.cfg, self.k, self.w, self.par = cfg, kernels, weights, parallel
+        self.heads = cfg.num_attention_heads // parallel.tp_size
+        self.inv_freq = kernels.prepare_tensor(rope_inv_freq(cfg))
+        self.rope_factor = rope_attention_factor(cfg)
+        self.softmax_scale = cfg.softmax_scale
+        self.router = RouterSpec(
+            top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group, scoring=cfg.scoring_func,
+            group_score={"noaux_tc": "top2_sum", "group_limited_greedy": "max"}.get(cfg.topk_method, "none"),
+            normalize=cfg.norm_topk_prob, scaling=cfg.routed_scaling_factor,
+        )
+        self.vocab_start = parallel.shard(cfg.vocab_size)[0] if parallel.tp_size > 1 else 0
+
+    @property
+    def num_cache_layers(self) -> int:
+        """Main layers, then one per MTP module (each keeps its own latent cache)."""
+        return len(self.w.layers) + len(self.w.mtp)
+
+    def new_cache(self, slots: int, max_len: int) -> LatentCache:
+        return self.k.new_latent_cache(self.num_cache_layers, slots, max_len, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim)
+
+    # --- model ------------------------------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, batch: AttnBatch, cache: LatentCache) -> torch.Tensor:
+        """ids [T] -> final-normed hidden [T, D]; appends every layer's latent to `cache`."""
+        h = self.embed(ids, self.w.embed)  # [T, D]
+        residual = None
+        for i, layer in enumerate(self.w.layers):
+            h, residual = self.decoder_layer(layer, i, h, residual, batch, cache)
+        return self.k.add_rms_norm(h, residual, self.w.norm, self.cfg.rms_norm_eps)[0]
+
+    def logits(self, hidden: torch.Tensor, head: Weight | None = None) -> torch.Tensor:
+        """hidden [N, D] -> logits [N, V] fp32 (vocabulary gathered across tp ranks)."""
+        part = self.k.linear(hidden, head or self.w.head).float()
+        return self.k.all_gather(part, self.par.tp_group, dim=-1)
+
+    def mtp(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, batch: AttnBatch,
+            cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth`: predict the token after `next_ids` from the main model's hidden state.
+
+        hidden [T, D]: final-normed main hidden at position i (or the previous MTP output when chaining),
+        next_ids [T]: the token at position i + 1. Returns (output hidden [T, D] before the shared norm, for
+        chaining; the shared head's normed input [T, D], for `logits`). Its cache layer follows the main ones.
+        """
+        m = self.w.mtp[depth]
+        e = self.embed(next_ids, m.embed or self.w.embed)
+        x = torch.cat([self.k.rms_norm(e, m.enorm, self.cfg.rms_norm_eps),
+                       self.k.rms_norm(hidden, m.hnorm, self.cfg.rms_norm_eps)], dim=-1)  # [T, 2D]
+        x = self.k.linear(x, m.eh_proj)  # [T, D]
+        h, residual = self.decoder_layer(m.layer, len(self.w.layers) + depth, x, None, batch, cache)
+        out = h + residual
+        return out, self.k.rms_norm(out, m.norm, self.cfg.rms_norm_eps)
+
+    # --- blocks -----------------------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor, table: Weight) -> torch.Tensor:
+        if self.par.tp_size == 1:
+            return self.k.embedding(ids, table)
+        local = ids - self.vocab_start  # vocabulary-parallel: each rank looks up its own rows, others give 0
+        mine = (local >= 0) & (local < table.shape[0])
+        h = self.k.embedding(local.clamp(0, table.shape[0] - 1), table) * mine[:, None].to(self.k.compute_dtype)
+        return self.k.all_reduce(h, self.par.tp_group)
+
+    def decoder_layer(self, lw: LayerWeights, index: int, h: torch.Tensor, residual: torch.Tensor | None,
+                      batch: AttnBatch, cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block; returns (block output, residual stream before it): their sum is the new stream."""
+        eps = self.cfg.rms_norm_eps
+        if residual is None:
+            x, residual = self.k.rms_norm(h, lw.attn_norm, eps), h
+        else:
+            x, residual = self.k.add_rms_norm(h, residual, lw.attn_norm, eps)
+        h = self.attention(lw.attn, x, index, batch, cache)
+        x, residual = self.k.add_rms_norm(h, residual, lw.ffn_norm, eps)
+        h = self.moe(lw.ffn, x) if isinstance(lw.ffn, MoEWeights) else self.mlp(lw.ffn, x)
+        return h, residual
+
+    def attention(self, aw: AttentionWeights, x: torch.Tensor, layer: int, batch: AttnBatch, cache: LatentCache) -> torch.Tensor:
+        cfg, k = self.cfg, self.k
+        dn, dr, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        if aw.q is not None:
+            q = k.linear(x, aw.q)
+        else:
+            q = k.linear(k.rms_norm(k.linear(x, aw.q_a), aw.q_a_norm, cfg.rms_norm_eps), aw.q_b)
+        q = q.view(x.shape[0], self.heads, dn + dr)  # [T, H, dn + dr]
+        q_nope, q_pe = q[..., :dn], q[..., dn:]
+        q_pe = k.rope(q_pe, batch.positions, self.inv_freq, self.rope_factor)
+        kv = k.linear(x, aw.kv_a)  # [T, r + dr]
+        latent = k.rms_norm(kv[:, :r].contiguous(), aw.kv_a_norm, cfg.rms_norm_eps)  # [T, r]
+        k_pe = k.rope(kv[:, r:].contiguous(), batch.positions, self.inv_freq, self.rope_factor)  # [T, dr]
+        o = k.mla_attention(q_nope, q_pe, latent, k_pe, aw.kv_b, cache, layer, batch, self.softmax_scale)  # [T, H, dv]
+        return k.all_reduce(k.linear(o.flatten(1), aw.o), self.par.tp_group)
+
+    def mlp(self, mw: MLPWeights, x: torch.Tensor) -> torch.Tensor:
+        return self.k.all_reduce(self.k.dense_mlp(x, mw.gate, mw.up, mw.down), self.par.tp_group)
+
+    def moe(self, mw: MoEWeights, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.k.moe_route(x, mw.router, mw.bias, self.router)  # [T, k] each
+        routed = self.k.all_reduce(self.k.moe_experts(x, weights, ids, mw.experts), self.par.ep_group)
+        return routed if mw.shared is None else routed + self.mlp(mw.shared, x)
