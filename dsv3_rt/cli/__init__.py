@@ -17,6 +17,12 @@ SUBCOMMANDS = {
 }
 
 
+def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options every subcommand accepts (call from each subcommand's add_parser)."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv3-rt",
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Dsv3Error as e:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"dsv3-rt: error: {e}", file=sys.stderr)
         return 1
