@@ -344,6 +344,16 @@ class Kernels:
         return torch.cat(parts, dim=dim)
 
 
+def overridden_ops(cls: type[Kernels]) -> tuple[str, ...]:
+    """Ops whose method `cls` (or a class between it and `Kernels`) replaces with its own code."""
+    return tuple(op for op in OPS if getattr(cls, op) is not getattr(Kernels, op))
+
+
+def fallback_ops(cls: type[Kernels]) -> tuple[str, ...]:
+    """Ops `cls` does not declare in `capabilities.ops`: they run the reference code, and reports say so."""
+    return tuple(op for op in OPS if op not in cls.capabilities.ops)
+
+
 def _topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest per row; ties resolved to the lowest index (stable sort)."""
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
