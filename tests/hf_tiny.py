@@ -6,12 +6,14 @@ weights, so the reference is independent of our graph. Building it takes well un
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-DEEPSEEK_V3_TOKENIZER_CONFIG = Path("/work/shared/data/deepseek-v3/tokenizer_config.json")
+DEEPSEEK_V3_DATA = Path("/work/shared/data/deepseek-v3")
+DEEPSEEK_V3_TOKENIZER_CONFIG = DEEPSEEK_V3_DATA / "tokenizer_config.json"
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 #: DeepSeek-V3's control tokens, in id order right after BOS/EOS/PAD (ids 0, 1, 2 as in the real vocabulary)
@@ -63,6 +65,14 @@ def tokenizer_config() -> dict[str, Any]:
     cfg = json.loads(DEEPSEEK_V3_TOKENIZER_CONFIG.read_text())
     cfg.pop("added_tokens_decoder", None)
     return cfg
+
+
+@lru_cache(maxsize=1)
+def deepseek_v3_backend():  # noqa: ANN201 (tokenizers.Tokenizer)
+    """DeepSeek-V3's real vocabulary (from the tiktoken rank file) with its special tokens; built once per run."""
+    from dsv3_rt.core.tokenizer import backend_from_tiktoken
+
+    return backend_from_tiktoken(DEEPSEEK_V3_DATA / "deepseek_v3.tiktoken")
 
 
 def make_tiny_hf_checkpoint(path: str | Path, seed: int = 0, **config_overrides: Any) -> Path:
