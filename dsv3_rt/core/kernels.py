@@ -129,19 +129,21 @@ class Kernels:
         return "torch CPU"
 
     def __init__(self, dtype: str = "float32", device: str | torch.device | None = None, **options: Any) -> None:
-        """dtype: runtime weight format (see DTYPES); the compute dtype follows from it (fp32 for float32,
-        bf16 otherwise unless the backend's capabilities say only fp32)."""
+        """dtype: runtime weight format (see DTYPES); `compute_dtype_for` picks the activation dtype."""
         if dtype not in self.capabilities.dtypes:
             from dsv3_rt.core.errors import BackendError
 
             raise BackendError(f"backend {self.name!r} does not support dtype {dtype!r}; it supports {', '.join(self.capabilities.dtypes)}")
         self.dtype = dtype
         self.device = torch.device(device or self.device_type)
-        want = "float32" if dtype == "float32" else "bfloat16"
-        if want not in self.capabilities.compute_dtypes:
-            want = self.capabilities.compute_dtypes[0]
-        self.compute_dtype: torch.dtype = getattr(torch, want)
+        self.compute_dtype: torch.dtype = self.compute_dtype_for(dtype)
         self.options = options
+
+    @classmethod
+    def compute_dtype_for(cls, dtype: str) -> torch.dtype:
+        """Activation dtype for a weight format. Reference: bf16 only when asked for bfloat16, else fp32
+        (quantised weights are then checked against their own dequantised values in fp32)."""
+        return torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
     # --- weights --------------------------------------------------------------------------------------------
     def prepare_weight(self, w: Weight, usage: str) -> Weight:
