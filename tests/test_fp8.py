@@ -132,3 +132,23 @@ def test_fp8_extremes_round_trip():
     oq, os_ = quantise_blockwise(w)
     assert torch.equal(s, os_) and torch.equal(q.view(torch.uint8), oq.view(torch.uint8))
     assert torch.equal(fp8_weight(q, s).dequantize(), dequantise_blockwise(oq, os_))
+
+
+def test_cast_fp8_to_bf16(fp8_pair, tmp_path):
+    """`convert --to bf16`: weights equal the block dequantisation rounded to bf16; no quantization_config."""
+    from dsv3_rt.core.fp8_cast import cast_fp8_to_bf16
+    from safetensors.torch import load_file
+
+    hf, path = fp8_pair
+    out = cast_fp8_to_bf16(path, tmp_path / "bf16", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    src, got = load_file(path / "model.safetensors"), {}
+    for shard in set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()):
+        got.update(load_file(out / shard))
+    assert not any(n.endswith("_scale_inv") for n in got)
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    want = dequantise_blockwise(src[name], src[name.replace(".weight", ".weight_scale_inv")]).to(torch.bfloat16)
+    assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want)
+    ours = dsv3_rt.load(out, backend="reference", dtype="float32", progress=False)
+    assert (hf_logits(hf, PROMPT) - ours.logits(PROMPT)).abs().max().item() < 0.05  # only bf16 rounding apart

@@ -5,7 +5,13 @@ H heads, dn / dr / dv the nope / rope / value head dims, r the kv latent rank.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from dsv3_rt.core.batch import AttnBatch
+    from dsv3_rt.core.kernels import LatentCache
 
 
 def _causal(scores: torch.Tensor, start: int) -> torch.Tensor:
@@ -42,3 +48,12 @@ def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor, ctx
     probs = _causal(scores * scale, start).softmax(dim=-1)
     latent = torch.einsum("shl,lr->shr", probs, ctx_kv)  # [n, H, r]
     return torch.einsum("shr,hdr->shd", latent, w_uv)
+
+
+def write_latent(cache: LatentCache, layer: int, kv: torch.Tensor, k_pe: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+    """Store each new token's latent kv [T, r] and roped key k_pe [T, dr] at (its slot, its position) of
+    `cache` layer `layer` in one indexed write; returns the slot of each token [T] int64 (on the device)."""
+    slots = torch.repeat_interleave(torch.tensor(batch.slots, device=kv.device), torch.tensor(batch.lengths, device=kv.device))
+    cache.kv[layer][slots, batch.positions] = kv.to(cache.kv[layer].dtype)
+    cache.pe[layer][slots, batch.positions] = k_pe.to(cache.pe[layer].dtype)
+    return slots

@@ -48,6 +48,11 @@ class Weight:
             raise ValueError(f"unknown weight format {self.format!r}; known: {', '.join(sorted(FORMATS))}") from None
         return fmt(self).to(dtype)
 
+    def to(self, device: torch.device | str) -> Weight:
+        """The same weight with data and scale on `device`."""
+        scale = None if self.scale is None else self.scale.to(device)
+        return Weight(self.format, self.data.to(device), self.shape, scale, self.meta)
+
     def select(self, index: torch.Tensor) -> Weight:
         """Experts `index` (1-D int64) of a stacked [E, out, in] weight, in the same format.
 
