@@ -80,12 +80,6 @@ class LatentCache:
     def slots(self) -> int:
         return self.kv[0].shape[0]
 
-    def write(self, layer: int, batch: AttnBatch, kv: torch.Tensor, pe: torch.Tensor) -> None:
-        """Store the latent kv [T, r] and roped key pe [T, dr] of each new token of `batch` at (slot, position)."""
-        for slot, start, off, n in batch.spans():
-            self.kv[layer][slot, start:start + n] = kv[off:off + n].to(self.kv[layer].dtype)
-            self.pe[layer][slot, start:start + n] = pe[off:off + n].to(self.pe[layer].dtype)
-
 
 @dataclass(frozen=True)
 class Availability:
@@ -232,7 +226,9 @@ class Kernels:
         """
         from dsv3_rt.core import mla
 
-        cache.write(layer, batch, kv, k_pe)
+        for slot, start, off, n in batch.spans():
+            cache.kv[layer][slot, start:start + n] = kv[off:off + n].to(cache.kv[layer].dtype)
+            cache.pe[layer][slot, start:start + n] = k_pe[off:off + n].to(cache.pe[layer].dtype)
         w = kv_b.dequantize(torch.float32)
         out = []
         for slot, start, off, n in batch.spans():
