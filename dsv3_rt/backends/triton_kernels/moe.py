@@ -84,7 +84,7 @@ def _moe_gemm_kernel(a_ptr, as_ptr, w1_ptr, w1s_ptr, w2_ptr, w2s_ptr, out_ptr, r
     tl.store(out_ptr + pairs.to(tl.int64)[:, None] * N + offs_n[None, :], out, mask=p_ok[:, None] & n_ok[None, :])
 
 
-def _grouped_gemm(a: torch.Tensor, w1, w2, out: torch.Tensor, sorted_ids: torch.Tensor, tile_expert: torch.Tensor,
+def grouped_gemm(a: torch.Tensor, w1, w2, out: torch.Tensor, sorted_ids: torch.Tensor, tile_expert: torch.Tensor,
                   row_div: int, route_w: torch.Tensor | None, fp8_dtype: torch.dtype | None, precision: str) -> None:
     """out[p] = epilogue(a[p // row_div] @ w[e]^T) for the sorted pairs; w1/w2 are `Weight`s [E, N, K]."""
     n, k = w1.shape[1], w1.shape[2]
@@ -120,6 +120,6 @@ def fused_moe(x: torch.Tensor, route_w: torch.Tensor, local_ids: torch.Tensor, g
     if tile_expert.numel() == 0:
         return y.view(t, top_k, -1).sum(1)
     h = torch.zeros(t * top_k, gate.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, gate, up, h, sorted_ids, tile_expert, top_k, None, fp8_dtype, precision)
-    _grouped_gemm(h, down, None, y, sorted_ids, tile_expert, 1, route_w.float().flatten().contiguous(), fp8_dtype, precision)
+    grouped_gemm(x, gate, up, h, sorted_ids, tile_expert, top_k, None, fp8_dtype, precision)
+    grouped_gemm(h, down, None, y, sorted_ids, tile_expert, 1, route_w.float().flatten().contiguous(), fp8_dtype, precision)
     return y.view(t, top_k, -1).sum(1)
