@@ -145,7 +145,13 @@ class WeightBuilder:
         E = self.cfg.n_routed_experts
         first, last = self.par.shard(E, self.par.ep_size, self.par.ep_rank)
         stacked = {}
+        fast = getattr(self.src, "stacked_experts", None)  # optional: a source that stores experts stacked
         for proj in ("gate_proj", "up_proj", "down_proj"):
+            whole = fast(p, proj, first, last) if fast else None
+            if whole is not None:
+                self._check(f"{p}.experts.{first}.{proj}.weight", whole.shape[1:], None, None)
+                stacked[proj] = self.k.prepare_weight(whole, "experts")
+                continue
             parts = []
             for e in range(first, last):
                 name = f"{p}.experts.{e}.{proj}.weight"

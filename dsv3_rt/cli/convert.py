@@ -1,0 +1,40 @@
+"""`dsv3-rt convert --to TARGET SRC DST`: write a checkpoint in another format (one function per target)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dsv3_rt.cli import add_common
+from dsv3_rt.core.errors import CheckpointError
+
+
+def to_gguf(args: argparse.Namespace) -> int:
+    """An HF checkpoint directory (FP8 or BF16/FP32) -> a llama.cpp deepseek2 GGUF."""
+    from dsv3_rt.core.gguf_convert import OUT_TYPES, convert_to_gguf
+
+    out_type = args.type or "bf16"
+    if out_type not in OUT_TYPES:
+        raise CheckpointError(f"--to gguf writes {', '.join(OUT_TYPES)}; got --type {out_type}")
+    path = convert_to_gguf(args.src, args.dst, out_type, progress=sys.stderr.isatty())
+    print(f"wrote {path} ({out_type})")
+    return 0
+
+
+#: --to value -> the function that writes it
+TARGETS = {"gguf": to_gguf}
+
+
+def main(args: argparse.Namespace) -> int:
+    return TARGETS[args.to](args)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint to another format",
+                       description="Convert a checkpoint: --to gguf writes a llama.cpp deepseek2 GGUF from an HF "
+                                   "checkpoint directory (FP8 with weight_scale_inv, BF16 or FP32).")
+    p.add_argument("--to", required=True, choices=sorted(TARGETS), help="output format")
+    p.add_argument("src", help="source checkpoint directory")
+    p.add_argument("dst", help="output path")
+    p.add_argument("--type", default=None, help="GGUF tensor type: f32, f16, bf16 (default) or q8_0")
+    add_common(p)
+    p.set_defaults(func=main)
