@@ -170,5 +170,13 @@ class DeepseekV3:
 
     def moe(self, mw: MoEWeights, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.k.moe_route(x, mw.router, mw.bias, self.router)  # [T, k] each
-        routed = self.k.all_reduce(self.k.moe_experts(x, weights, ids, mw.experts), self.par.ep_group)
-        return routed if mw.shared is None else routed + self.mlp(mw.shared, x)
+        out = self.k.moe_experts(x, weights, ids, mw.experts)  # this rank's experts only
+        if mw.shared is not None:  # the shared expert is split over the same ep ranks: one all_reduce for both
+            out = out + self.k.dense_mlp(x, mw.shared.gate, mw.shared.up, mw.shared.down)
+        return self.k.all_reduce(out, self.par.ep_group)
+
+    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rank 0's sampled tokens on every rank (a broadcast as a sum), so all ranks feed the same stream."""
+        if self.par.world_group is None:
+            return tokens
+        return self.k.all_reduce(tokens if self.par.is_main else torch.zeros_like(tokens), self.par.world_group)

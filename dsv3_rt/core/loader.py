@@ -132,9 +132,10 @@ class WeightBuilder:
             w.q_b = self.matrix(f"{a}.q_b_proj.weight", rows=q_rows if sharded else None)
         return w
 
-    def mlp(self, p: str, inter: int) -> MLPWeights:
-        sharded = self.par.tp_size > 1
-        cols = self.par.shard(inter) if sharded else None
+    def mlp(self, p: str, inter: int, size: int | None = None, rank: int | None = None) -> MLPWeights:
+        """A SwiGLU FFN split by columns over `size` ranks (default: the tp group)."""
+        size = self.par.tp_size if size is None else size
+        cols = self.par.shard(inter, size, rank) if size > 1 else None
         return MLPWeights(
             gate=self.matrix(f"{p}.gate_proj.weight", rows=cols),
             up=self.matrix(f"{p}.up_proj.weight", rows=cols),
@@ -174,7 +175,8 @@ class WeightBuilder:
                 router=self.matrix(f"{m}.gate.weight", "router"),
                 bias=self.vector(bias, torch.float32) if cfg.uses_correction_bias else None,
                 experts=self.experts(m),
-                shared=self.mlp(f"{m}.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None,
+                shared=self.mlp(f"{m}.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                self.par.ep_size, self.par.ep_rank) if cfg.n_shared_experts else None,  # split like the experts
             )
         else:
             ffn = self.mlp(f"{p}.mlp", cfg.intermediate_size)

@@ -37,6 +37,10 @@ def open_checkpoint(path: str | Path, seed: int = 0) -> Checkpoint:
         if not (p / "config.json").is_file():
             raise CheckpointError(f"{p} is not a checkpoint: it has no config.json")
         cfg = ModelConfig.from_json(p / "config.json")
+        from dsv3_rt.core.shard import MANIFEST, ShardedSource
+
+        if (p / MANIFEST).is_file():  # pre-sharded by `dsv3-rt convert --shard N`
+            return Checkpoint(cfg, ShardedSource(p, cfg.fp8_block_size), p, f"pre-sharded checkpoint {p}")
         return Checkpoint(cfg, SafetensorsSource(p, cfg.fp8_block_size), p, f"checkpoint {p}")
     if p.suffix == ".gguf" or p.is_file():
         if p.suffix != ".gguf":
@@ -95,7 +99,17 @@ def load(path: str | Path, backend: str | None = None, dtype: str | None = None,
     backend: a backend name or "auto" (default: $DSV3RT_BACKEND, else the best available).
     dtype: runtime weight format ("float32", "bfloat16", "int8", "int4", "fp8"); default: the backend's.
     """
-    ckpt = open_checkpoint(path, seed=seed)
+    return load_checkpoint(open_checkpoint(path, seed=seed), backend, dtype, device, parallel, progress, **options)
+
+
+def load_checkpoint(ckpt: Checkpoint, backend: str | None = None, dtype: str | None = None, device: str | None = None,
+                    parallel: Parallel = SINGLE, progress: bool = True, **options: Any) -> Model:
+    """`load` for an already opened checkpoint. Under parallelism every rank calls it with its own `parallel`."""
+    parallel.check(ckpt.config)
     kernels = create_kernels(backend, dtype=dtype, device=device, **options)
+    prefer = getattr(ckpt.source, "prefer", None)  # a pre-sharded source reads this rank's file first
+    if prefer:
+        prefer(parallel)
     weights = WeightBuilder(ckpt.config, ckpt.source, kernels, parallel).build(progress=progress)
+    parallel.barrier()  # ranks finish loading at different times; compute groups have short timeouts
     return Model(ckpt, kernels, DeepseekV3(ckpt.config, kernels, weights, parallel))
