@@ -261,3 +261,15 @@ def _compile(template: str):  # noqa: ANN202 (jinja2.Template)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
+
+
+def load_tokenizer(checkpoint: Any) -> Tokenizer | None:
+    """The tokenizer that comes with a `dsv3_rt.core.model.Checkpoint`: one its tensor source carries (GGUF
+    metadata), else tokenizer.json (+ tokenizer_config.json) in its directory; None for presets or when absent."""
+    own = getattr(checkpoint.source, "tokenizer", None)
+    if callable(own):
+        return own()
+    path = checkpoint.path
+    if path is not None and Path(path).is_dir() and (Path(path) / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(path)
+    return None
