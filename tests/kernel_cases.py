@@ -70,7 +70,7 @@ def check_rope(k: Kernels) -> None:
     pos = torch.tensor([0, 1, 2, 40, 41])
     inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
     for shape in ((5, 3, 8), (5, 8)):
-        x = torch.randn(shape, generator=g)
+        x = torch.randn(*shape[:-1], 20, generator=g)[..., 12:]  # a strided view, as the graph passes q_pe
         close(k.rope(x, pos, inv, 1.2), ref.rope(x, pos, inv, 1.2))
 
 

@@ -108,9 +108,11 @@ class OrtGraph:
 
     def __call__(self, inputs: Sequence[Any], outputs: Sequence[torch.Tensor]) -> None:
         binding = self.session.io_binding()
+        # held until the run returns: the binding borrows their memory
+        inputs = [v.contiguous() if isinstance(v, torch.Tensor) else v for v in inputs]
         for name, value in zip(self.input_names, inputs, strict=True):
             if isinstance(value, torch.Tensor):
-                binding.bind_cpu_input(name, value.contiguous().numpy())
+                binding.bind_cpu_input(name, value.numpy())
             else:  # an OrtValue prepared once (FP8 data numpy has no dtype for)
                 binding.bind_ortvalue_input(name, value)
         for name, out in zip(self.output_names, outputs, strict=True):
