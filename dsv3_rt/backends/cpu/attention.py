@@ -1,0 +1,84 @@
+"""MLA on the CPU over a fused latent cache.
+
+The cache of a layer is one buffer [slots, max_len, r + dr] (latent, then the roped shared key), with the
+`LatentCache.kv` / `.pe` entries as views into it, so the keys of the absorbed form are one contiguous
+matrix. Decode and chunks on a cached prefix use the absorbed form (attend over the latent: MQA with
+head dim r + dr); a fresh prompt uses the naive form through `scaled_dot_product_attention` (causal MHA with
+head dim dn + dr, cheaper when every key is new). W_UK / W_UV are split from kv_b once per weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.kernels import LatentCache
+from dsv3_rt.core.weights import Weight
+
+
+def new_fused_cache(layers: int, slots: int, max_len: int, r: int, dr: int, dtype: torch.dtype,
+                    device: torch.device) -> LatentCache:
+    bufs = [torch.zeros(slots, max_len, r + dr, dtype=dtype, device=device) for _ in range(layers)]
+    return LatentCache([b[..., :r] for b in bufs], [b[..., r:] for b in bufs])
+
+
+def _keys(cache: LatentCache, layer: int, slot: int, length: int) -> torch.Tensor:
+    """[length, r + dr] latent ++ rope key of one sequence (a view when the cache is fused, else a copy)."""
+    kv, pe = cache.kv[layer], cache.pe[layer]
+    base = kv._base
+    if base is not None and pe._base is base and base.shape[-1] == kv.shape[-1] + pe.shape[-1]:
+        return base[slot, :length]
+    return torch.cat([kv[slot, :length], pe[slot, :length]], dim=-1)
+
+
+def split_kv_b(kv_b: Weight, heads: int, dn: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_UK [H, dn, r], W_UV^T [H, r, dv]) in `dtype`, computed on first use and kept in the weight's meta."""
+    key = ("cpu.mla", heads, dn, dtype)
+    got = kv_b.meta.get(key)
+    if got is None:
+        w = kv_b.dequantize(torch.float32).view(heads, -1, kv_b.shape[-1])
+        got = (w[:, :dn].to(dtype).contiguous(), w[:, dn:].transpose(1, 2).to(dtype).contiguous())
+        kv_b.meta[key] = got
+    return got
+
+
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, kv_b: Weight,
+                  cache: LatentCache, layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
+    t, heads, dn = q_nope.shape
+    dtype = q_nope.dtype
+    w_uk, w_uv_t = split_kv_b(kv_b, heads, dn, dtype)
+    r = w_uk.shape[-1]
+    spans = batch.spans()
+    for slot, start, off, n in spans:
+        cache.kv[layer][slot, start:start + n] = kv[off:off + n]
+        cache.pe[layer][slot, start:start + n] = k_pe[off:off + n]
+    out = torch.empty(t, heads, w_uv_t.shape[-1], dtype=dtype, device=q_nope.device)
+    for slot, start, off, n in spans:
+        qn, qp = q_nope[off:off + n], q_pe[off:off + n]
+        keys = _keys(cache, layer, slot, start + n).to(dtype)  # [L, r + dr]
+        if start == 0 and n > 1:
+            out[off:off + n] = _naive_causal(qn, qp, keys, w_uk, w_uv_t, scale)
+            continue
+        q_abs = torch.bmm(qn.transpose(0, 1), w_uk)  # [H, n, r]
+        q = torch.cat([q_abs, qp.transpose(0, 1).to(dtype)], dim=-1)  # [H, n, r + dr]
+        scores = torch.matmul(q, keys.T).float() * scale  # [H, n, L]
+        if n > 1:  # a chunk on a cached prefix: token s sees positions 0 .. start + s
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).triu_(start + 1)
+            scores.masked_fill_(mask, float("-inf"))
+        latent = torch.matmul(scores.softmax(dim=-1).to(dtype), keys[:, :r])  # [H, n, r]
+        out[off:off + n] = torch.bmm(latent, w_uv_t).transpose(0, 1)
+    return out
+
+
+def _naive_causal(qn: torch.Tensor, qp: torch.Tensor, keys: torch.Tensor, w_uk: torch.Tensor,
+                  w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """A fresh sequence: per-head K/V from the latent, causal SDPA (flash kernel on CPU). -> [n, H, dv]"""
+    heads, dn, r = w_uk.shape
+    n = qn.shape[0]
+    latent, k_pe = keys[:, :r], keys[:, r:]
+    k_nope = torch.matmul(latent, w_uk.transpose(1, 2))  # [H, L, dn]
+    v = torch.matmul(latent, w_uv_t)  # [H, L, dv]
+    k = torch.cat([k_nope, k_pe.expand(heads, n, k_pe.shape[-1])], dim=-1)
+    q = torch.cat([qn, qp.to(qn.dtype)], dim=-1).transpose(0, 1)  # [H, n, dn + dr]
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
+    return o[0].transpose(0, 1)

@@ -1,0 +1,50 @@
+"""x @ W.T on the CPU for every runtime weight format the cpu backend prepares, one expert at a time.
+
+Decode (few rows) is memory-bound: read the weight once in its packed form through torch's weight-only
+kernels. Prefill (many rows) is compute-bound: widen the weight to bf16 and use oneDNN's AVX512_BF16 GEMM,
+which beats the weight-only kernels there (measured: m=1024, N=5632, K=2048: 0.34 s vs 0.79 s, 1 thread).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3_rt.backends.cpu.formats import fp8_to_dense
+from dsv3_rt.core.weights import Weight
+
+#: rows from which a quantised weight is widened to bf16 for a oneDNN GEMM instead of the weight-only kernel
+WIDEN_ROWS = 128
+
+
+def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype; `expert` picks one matrix of a stacked [E, N, K] weight.
+
+    Formats not prepared by the cpu backend (e.g. GGUF blocks a loader hands through) are dequantised."""
+    fmt = w.format
+    data = w.data if expert is None else w.data[expert]
+    scale = w.scale if expert is None or w.scale is None else w.scale[expert]
+    n, k = w.shape[-2], w.shape[-1]
+    if fmt in ("f32", "bf16", "f16"):
+        return F.linear(x, data if data.dtype == x.dtype else data.to(x.dtype))
+    if fmt == "int8_rowwise" and scale.dtype == torch.bfloat16:
+        xb = x.to(torch.bfloat16).contiguous()
+        if x.shape[0] >= WIDEN_ROWS or k % 16:  # int8 -> bf16 is exact; the row scale applies to the output
+            # columns. (The int8 kernel needs K % 16 == 0: it reads garbage or crashes otherwise.)
+            y = F.linear(xb, data.to(torch.bfloat16)) * scale
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(xb, data, scale)
+        return y.to(x.dtype)
+    if fmt == "int4_cpu":
+        if x.shape[0] >= WIDEN_ROWS:
+            one = Weight(fmt, data, (n, k), scale, w.meta)
+            return F.linear(x.to(torch.bfloat16), one.dequantize(torch.bfloat16)).to(x.dtype)
+        kp = data.shape[-1] * 2
+        xb = x.to(torch.bfloat16)
+        xb = (F.pad(xb, (0, kp - k)) if kp != k else xb).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, data, w.meta["group"], scale)
+        return (y[:, :n] if y.shape[1] != n else y).to(x.dtype)
+    one = Weight(fmt, data, (n, k), scale, w.meta)
+    if fmt.startswith("fp8"):
+        wide = torch.float32 if x.dtype == torch.float32 or x.shape[0] < WIDEN_ROWS else torch.bfloat16
+        return F.linear(x.to(wide), fp8_to_dense(one, wide)).to(x.dtype)  # fp32 gemv is the faster one at m=1
+    return F.linear(x.float(), one.dequantize(torch.float32)).to(x.dtype)
