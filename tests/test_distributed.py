@@ -13,12 +13,13 @@ import torch
 from hf_models import hf_greedy, hf_logits, make_hf_model, save_hf_model
 from safetensors import safe_open
 
+from dsv3_rt.cli import main as cli_main
 from dsv3_rt.core import distributed as D
 from dsv3_rt.core.distcheck import PROMPT, compare
 from dsv3_rt.core.errors import ConfigError
 from dsv3_rt.core.model import load, load_checkpoint, open_checkpoint
 from dsv3_rt.core.parallel import Parallel
-from dsv3_rt.core.shard import MANIFEST, SLICES_KEY, shard_checkpoint
+from dsv3_rt.core.shard import MANIFEST, SLICES_KEY
 
 TOL = 1e-4
 NEW = 8
@@ -36,7 +37,7 @@ def hf_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sharded(hf_ckpt, tmp_path_factory):
     dst = tmp_path_factory.mktemp("mp2") / "ckpt"
-    shard_checkpoint(hf_ckpt[1], dst, 2, progress=False)
+    assert cli_main(["convert", "--shard", "2", str(hf_ckpt[1]), str(dst)]) == 0
     return dst
 
 

@@ -25,16 +25,33 @@ TARGETS = {"gguf": to_gguf}
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.shard is not None:
+        return shard(args)
+    if args.to is None:
+        raise CheckpointError("say what to write: --to FORMAT or --shard N")
     return TARGETS[args.to](args)
+
+
+def shard(args: argparse.Namespace) -> int:
+    """An HF checkpoint directory -> per-rank files for tp = ep = N (see dsv3_rt.core.shard)."""
+    from dsv3_rt.core.shard import shard_checkpoint
+
+    if args.to is not None:
+        raise CheckpointError("--shard writes safetensors shards; it cannot be combined with --to")
+    paths = shard_checkpoint(args.src, args.dst, args.shard, progress=sys.stderr.isatty())
+    print(f"wrote {len(paths)} shards to {args.dst} (run with --tp {args.shard})")
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to another format",
                        description="Convert a checkpoint: --to gguf writes a llama.cpp deepseek2 GGUF from an HF "
                                    "checkpoint directory (FP8 with weight_scale_inv, BF16 or FP32).")
-    p.add_argument("--to", required=True, choices=sorted(TARGETS), help="output format")
+    p.add_argument("--to", choices=sorted(TARGETS), help="output format")
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("dst", help="output path")
     p.add_argument("--type", default=None, help="GGUF tensor type: f32, f16, bf16 (default) or q8_0")
+    p.add_argument("--shard", type=int, default=None, metavar="N",
+                   help="instead: pre-shard for N ranks (tp = ep = N), one model{r}-mpN.safetensors per rank")
     add_common(p)
     p.set_defaults(func=main)

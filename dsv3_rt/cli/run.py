@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import TextIO
 
 from dsv3_rt.cli import add_common
+from dsv3_rt.core import distributed
 from dsv3_rt.core.engine import Engine, Sequence
 from dsv3_rt.core.errors import CheckpointError, RequestError
 from dsv3_rt.core.kernels import DTYPES
 from dsv3_rt.core.model import Checkpoint, Model, load, open_checkpoint
+from dsv3_rt.core.parallel import Parallel
 from dsv3_rt.core.sampling import SamplingParams
 from dsv3_rt.core.tokenizer import Tokenizer, load_tokenizer
 
@@ -50,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="--input-file: most sequences in flight (default 8)")
     p.add_argument("--output", type=Path, default=None, help="--input-file: also write JSON lines "
                                                              "(prompt, completion, token counts, finish_reason)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks: heads, dense FFN and vocabulary split "
+                                                       "over local processes (under torchrun: over its ranks)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel ranks: experts split over them (default: --tp)")
     add_common(p)
     p.set_defaults(func=main)
 
@@ -212,7 +218,11 @@ def run_file(session: Session, path: Path) -> int:
 
 
 # --- entry ---------------------------------------------------------------------------------------------------
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, parallel: Parallel | None = None) -> int:
+    if parallel is None:  # --tp/--ep or torchrun: every rank runs this command (only rank 0 prints)
+        if args.interactive and (args.tp or args.ep or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            raise RequestError("--interactive runs in one process; drop --tp/--ep")
+        return distributed.run_parallel(args.argv, args.tp, args.ep, args.backend, lambda par: main(args, par))
     params = _sampling_params(args)  # bad values fail before any loading
     if args.max_batch < 1:
         raise RequestError(f"--max-batch must be >= 1, got {args.max_batch}")
@@ -226,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
         if tokenizer.chat_template is None and not args.no_chat:
             raise CheckpointError(f"{ckpt.description} has no chat template; use --no-chat for raw text")
     model = load(name, backend=args.backend, dtype=args.dtype,
-                 progress=sys.stderr.isatty())
+                 progress=sys.stderr.isatty(), parallel=parallel)
     if tokenizer is not None and tokenizer.eos_id is not None and tokenizer.eos_id not in model.config.eos_token_id:
         params = dataclasses.replace(params, stop_ids=(*params.stop_ids, tokenizer.eos_id))
     session = Session(model, tokenizer, params, args)

@@ -177,11 +177,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(cmd: list[str], world: int, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """Start `world` local copies of `cmd` as ranks 0..world-1 of one run (torchrun's environment)."""
+def start_ranks(cmd: list[str], world: int, env: dict[str, str] | None = None, logs: Path | None = None) -> list[subprocess.Popen]:
+    """Start `world` local copies of `cmd` as ranks 0..world-1 of one run (torchrun's environment).
+
+    logs: a folder for the stderr of ranks 1.. (rank{r}.log), so only rank 0 talks to the terminal."""
     base = {**os.environ, **(env or {}), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    return [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
+    procs = []
+    for r in range(world):
+        err = open(logs / f"rank{r}.log", "wb") if logs is not None and r > 0 else None  # noqa: SIM115
+        procs.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=err))
+        if err is not None:
+            err.close()  # the child holds its own copy
+    return procs
 
 
 def supervise(procs: list[subprocess.Popen], poll_s: float = 0.05) -> tuple[int, int | None]:
@@ -241,13 +249,37 @@ def maybe_launch(argv: list[str], tp: int | None, ep: int | None) -> int | None:
 
 
 def launch_command(argv: list[str], world: int) -> int:
-    """Run `dsv3-rt *argv` as `world` local ranks; an error in one rank stops all of them."""
-    procs = start_ranks([sys.executable, "-m", "dsv3_rt", *argv], world)
-    code, rank = supervise(procs)
-    if code:
-        print(f"dsv3-rt: error: rank {rank} of {world} {describe_exit(code)}; stopped the other ranks", file=sys.stderr)
-        return code if code > 0 else 1
-    return 0
+    """Run `dsv3-rt *argv` as `world` local ranks; an error in one rank stops all of them. Only rank 0 writes
+    to the terminal; another rank's stderr is shown when that rank is the one that failed."""
+    with tempfile.TemporaryDirectory(prefix="dsv3rt-logs-") as tmp:
+        procs = start_ranks([sys.executable, "-m", "dsv3_rt", *argv], world, logs=Path(tmp))
+        code, rank = supervise(procs)
+        if not code:
+            return 0
+        log = Path(tmp) / f"rank{rank}.log"
+        if rank and log.is_file():
+            for line in log.read_text(errors="replace").splitlines()[-20:]:
+                print(f"[rank {rank}] {line}", file=sys.stderr)
+    print(f"dsv3-rt: error: rank {rank} of {world} {describe_exit(code)}; stopped the other ranks", file=sys.stderr)
+    return code if code > 0 else 1
+
+
+def run_parallel(argv: list[str], tp: int | None, ep: int | None, kernels_backend: str | None,
+                 body: Callable[[Parallel], int]) -> int:
+    """The CLI's way in: start local ranks if --tp/--ep ask for them (re-running `dsv3-rt *argv`), else join
+    the run this process is a rank of (torchrun or our launcher), then `body(parallel)` with collective
+    failures reported as one line. A plain single process just runs `body(SINGLE)`."""
+    code = maybe_launch(argv, tp, ep)
+    if code is not None:
+        return code
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        resolve_layout(tp, ep, 1)
+        return body(SINGLE)
+    par = init_from_env(tp, ep, backend_for(kernels_backend))
+    with collective_errors(par):
+        code = body(par)
+    shutdown()
+    return code
 
 
 def launch_local(world: int, fn: Callable[..., Any], *args: Any, tp: int | None = None, ep: int | None = None,
