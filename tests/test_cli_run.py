@@ -79,6 +79,13 @@ def test_no_chat_encodes_raw_text_with_bos(ckpt: Path, hf, capsys) -> None:  # n
     assert f"{len(ids)} prompt tokens" in err
 
 
+def test_system_message(ckpt: Path, hf, capsys) -> None:  # noqa: ANN001
+    code, _, err = run(capsys, "--model", str(ckpt), "--prompt", "Hi", "--system", "Be brief.", "--max-new-tokens", "1")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = hf[1].apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert code == 0 and f"{len(ids)} prompt tokens" in err
+
+
 def test_subprocess_smoke(ckpt: Path, hf) -> None:  # noqa: ANN001
     """The installed entry point on the default (best available) backend, in fp32."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -134,8 +141,10 @@ def turn_prompt_tokens(err: str) -> list[int]:
 
 
 def test_interactive_keeps_history_and_clears(ckpt: Path, hf, capsys, monkeypatch) -> None:  # noqa: ANN001
-    code, out, err = chat(capsys, monkeypatch, ckpt, "Hi\nTell me more\n/clear\nHi\n/exit\nnever read\n")
+    too_long = "word " * 600  # over the 512-token context: an error line, and the turn is dropped
+    code, out, err = chat(capsys, monkeypatch, ckpt, f"Hi\n{too_long}\nTell me more\n/clear\nHi\n/exit\nnever read\n")
     assert code == 0, err
+    assert "the context holds 512 (prompt + at least 1 new token) (/clear starts over)" in err
     first = hf_reply(hf, chat_ids(hf, "Hi"))
     assert out.startswith(first + "\n") and out.endswith("\n" + first + "\n")  # /clear: the same first turn again
     second = out[len(first) + 1: -len(first) - 2]
@@ -183,6 +192,8 @@ ERRORS = {
     "bad ids": (["--model", "tiny", "--prompt-ids", "1 two"], "--prompt-ids must be"),
     "input file": (["--model", "{ckpt}", "--input-file", "{empty}/missing.txt"], "cannot read --input-file"),
     "interactive raw": (["--model", "{ckpt}", "--interactive", "--no-chat"], "drop --no-chat"),
+    "system raw": (["--model", "{ckpt}", "--prompt", "x", "--no-chat", "--system", "s"], "--system needs"),
+    "output alone": (["--model", "{ckpt}", "--prompt", "x", "--output", "{empty}/o.jsonl"], "--output writes"),
 }
 
 

@@ -26,7 +26,7 @@ from dsv3_rt.core.parallel import Parallel
 from dsv3_rt.core.sampling import SamplingParams
 from dsv3_rt.core.tokenizer import Tokenizer, load_tokenizer
 
-CHAT_HELP = "chat: /clear forgets the conversation, /exit (or EOF) quits, Ctrl-C stops a reply"
+CHAT_HELP = "/clear forgets the conversation, /exit (or EOF) quits, Ctrl-C stops a reply"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES, help="runtime weight format (default: the backend's)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="one prompt; the completion is streamed to stdout")
-    mode.add_argument("--interactive", "-i", action="store_true", help="chat in the terminal; " + CHAT_HELP)
+    mode.add_argument("--interactive", "-i", action="store_true", help=f"chat in the terminal ({CHAT_HELP})")
     mode.add_argument("--input-file", type=Path, help="one prompt per line (blank lines skipped), run as batches")
     mode.add_argument("--prompt-ids", help="one prompt as token ids ('0 5 17' or '0,5,17'); no chat template")
     p.add_argument("--system", default=None, help="a system message before the user's (chat template only)")
@@ -184,7 +184,12 @@ def run_chat(session: Session) -> int:
         history.append({"role": "user", "content": text})
         prompt = session.tokenizer.encode_chat([*system, *history])
         turn = Stats()
-        seq = session.stream(prompt, sys.stdout, turn)
+        try:
+            seq = session.stream(prompt, sys.stdout, turn)
+        except RequestError as e:  # e.g. the conversation outgrew the context: the session goes on
+            history.pop()
+            print(f"dsv3-rt: error: {e} (/clear starts over)", file=sys.stderr)
+            continue
         session.stats.add(turn)
         history.append({"role": "assistant", "content": session.text(seq)})  # a stopped reply: what was shown
         print(f"[{'reply stopped; ' if seq.finish_reason == 'cancelled' else ''}{turn.line()}]", file=sys.stderr)
@@ -228,6 +233,10 @@ def main(args: argparse.Namespace, parallel: Parallel | None = None) -> int:
         raise RequestError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.interactive and args.no_chat:
         raise RequestError("--interactive chats through the chat template; drop --no-chat")
+    if args.system is not None and (args.no_chat or args.prompt_ids is not None):
+        raise RequestError("--system needs the chat template; drop --no-chat / --prompt-ids")
+    if args.output is not None and args.input_file is None:
+        raise RequestError("--output writes the results of --input-file")
     name, ckpt = _open_model(args.model)
     tokenizer = load_tokenizer(ckpt)
     if args.prompt_ids is None:
