@@ -1,0 +1,463 @@
+"""CPU benchmark: dsv3-rt (every CPU backend x weight format) vs transformers and llama.cpp on the same weights.
+
+Not a test. Loads the `bench` preset's random weights (~1.1B params, DeepSeek-V3 architecture), saves them
+once as an HF checkpoint (BF16, plus an FP8 block-scaled copy as DeepSeek ships) and as GGUF (F16, Q8_0,
+Q4_K_M), then runs each engine in its own subprocess with the same thread count and reports batch-1 decode
+tok/s (median of several runs after warm-up), prefill tok/s at 128 and 1024 tokens, peak RSS, load time and
+the decode roofline (weight bytes read per token / measured read bandwidth).
+
+    python bench/bench_cpu.py            # full run, writes bench/results/cpu-<date>.json and .txt
+    python bench/bench_cpu.py --quick    # fewer runs, no 1024-token prefill
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PROMPT_LEN = 16
+
+
+# --- helpers run inside the worker subprocesses ---------------------------------------------------------------
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompt(n: int, vocab: int) -> list[int]:
+    return [(7 + 31 * i) % (vocab - 2) + 2 for i in range(n)]
+
+
+def _timed_runs(fn, runs: int) -> list[float]:  # noqa: ANN001
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def worker_bandwidth(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t = torch.ones(args.bw_bytes // 4)
+    t.sum()
+    secs = _timed_runs(lambda: t.sum(), 7)
+    return {"read_gbps": args.bw_bytes / statistics.median(secs) / 1e9, "bytes": args.bw_bytes}
+
+
+def worker_dsv3(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import dsv3_rt
+    from dsv3_rt.core.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    model = dsv3_rt.load(args.ckpt, backend=args.backend, dtype=args.dtype, progress=False)
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    weights_mib = _weight_bytes(model) / 2**20
+    per_token = _dsv3_bytes_per_token(model)
+    params = SamplingParams(max_new_tokens=args.decode_tokens + 1, ignore_eos=True)
+
+    def decode_run() -> float:
+        engine = model.engine(max_batch=1, max_len=PROMPT_LEN + args.decode_tokens + 2)
+        engine.submit(_prompt(PROMPT_LEN, cfg.vocab_size), params)
+        engine.step()  # prefill + first token
+        t = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            engine.step()
+        return args.decode_tokens / (time.perf_counter() - t)
+
+    def prefill(n: int) -> float:
+        engine = model.engine(max_batch=1, max_len=n + 2)
+        engine.submit(_prompt(n, cfg.vocab_size), SamplingParams(max_new_tokens=1, ignore_eos=True))
+        t = time.perf_counter()
+        engine.step()
+        return n / (time.perf_counter() - t)
+
+    with torch.inference_mode():
+        decode_run()  # warm-up
+        decode = [decode_run() for _ in range(args.runs)]
+        pre = {n: max(prefill(n) for _ in range(args.prefill_runs)) for n in args.prefill}
+    return {"load_s": load_s, "decode_tok_s": statistics.median(decode), "decode_runs": decode,
+            "prefill_tok_s": pre, "peak_rss_mib": _peak_rss_mib(), "weights_mib": weights_mib,
+            "bytes_per_token": per_token}
+
+
+def _weights_of(model) -> list:  # noqa: ANN001
+    """(weight, fraction read per decoded token) for every matrix of the main model."""
+    from dsv3_rt.graph import MoEWeights
+
+    w, cfg = model.graph.w, model.config
+    out = [(w.embed, 1 / cfg.vocab_size), (w.head, 1.0)]
+    for layer in w.layers:
+        a = layer.attn
+        out += [(m, 1.0) for m in (a.q, a.q_a, a.q_b, a.kv_a, a.kv_b, a.o) if m is not None]
+        f = layer.ffn
+        if isinstance(f, MoEWeights):
+            frac = cfg.num_experts_per_tok / cfg.n_routed_experts
+            out += [(f.router, 1.0)] + [(m, frac) for m in (f.experts.gate, f.experts.up, f.experts.down)]
+            if f.shared is not None:
+                out += [(m, 1.0) for m in (f.shared.gate, f.shared.up, f.shared.down)]
+        else:
+            out += [(m, 1.0) for m in (f.gate, f.up, f.down)]
+    return out
+
+
+def _weight_bytes(obj) -> int:  # noqa: ANN001
+    """Bytes of every weight and vector the loaded model holds (MTP module included)."""
+    import dataclasses
+
+    import torch
+
+    from dsv3_rt.core.weights import Weight
+
+    if hasattr(obj, "graph"):
+        obj = obj.graph.w
+    if isinstance(obj, Weight):
+        return obj.nbytes
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_weight_bytes(x) for x in obj)
+    if dataclasses.is_dataclass(obj):
+        return sum(_weight_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
+
+
+def _dsv3_bytes_per_token(model) -> float:  # noqa: ANN001
+    return sum(w.nbytes * frac for w, frac in _weights_of(model))
+
+
+def worker_hf(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+    def decode_run() -> float:
+        ids = torch.tensor([_prompt(PROMPT_LEN, vocab)])
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return args.decode_tokens / (time.perf_counter() - t)
+
+    def prefill(n: int) -> float:
+        ids = torch.tensor([_prompt(n, vocab)])
+        t = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        return n / (time.perf_counter() - t)
+
+    with torch.inference_mode():
+        decode_run()
+        decode = [decode_run() for _ in range(args.runs)]
+        pre = {n: max(prefill(n) for _ in range(args.prefill_runs)) for n in args.prefill}
+    return {"load_s": load_s, "decode_tok_s": statistics.median(decode), "decode_runs": decode,
+            "prefill_tok_s": pre, "peak_rss_mib": _peak_rss_mib(), "weights_mib": weights_mib}
+
+
+def worker_llama(args: argparse.Namespace) -> dict:
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(args.gguf, n_ctx=max(args.prefill + [PROMPT_LEN + args.decode_tokens]) + 16,
+                          n_batch=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    load_s = time.perf_counter() - t0
+    vocab = llm.n_vocab()
+
+    def decode_run() -> float:
+        llm.reset()
+        llm.eval(_prompt(PROMPT_LEN, vocab))
+        t = time.perf_counter()
+        for i in range(args.decode_tokens):
+            llm.eval([_prompt(PROMPT_LEN + i + 1, vocab)[-1]])
+        return args.decode_tokens / (time.perf_counter() - t)
+
+    def prefill(n: int) -> float:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(_prompt(n, vocab))
+        return n / (time.perf_counter() - t)
+
+    decode_run()
+    decode = [decode_run() for _ in range(args.runs)]
+    pre = {n: max(prefill(n) for _ in range(args.prefill_runs)) for n in args.prefill}
+    return {"load_s": load_s, "decode_tok_s": statistics.median(decode), "decode_runs": decode,
+            "prefill_tok_s": pre, "peak_rss_mib": _peak_rss_mib(), "weights_mib": Path(args.gguf).stat().st_size / 2**20,
+            "bytes_per_token": _gguf_bytes_per_token(args.gguf)}
+
+
+def _gguf_bytes_per_token(path: str) -> float:
+    """Bytes llama.cpp reads per decoded token: one embedding row, the top-k share of the expert tensors,
+    all of every other matrix of the main blocks (MTP blocks are not run)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    field = lambda key: r.fields[key].parts[-1][0]  # noqa: E731
+    k, e = int(field("deepseek2.expert_used_count")), int(field("deepseek2.expert_count"))
+    n_main = int(field("deepseek2.block_count")) - int(r.fields["deepseek2.nextn_predict_layers"].parts[-1][0] if "deepseek2.nextn_predict_layers" in r.fields else 0)
+    total = 0.0
+    for t in r.tensors:
+        name = t.name
+        if name.startswith("blk.") and int(name.split(".")[1]) >= n_main:
+            continue
+        if name == "token_embd.weight":
+            total += t.n_bytes / int(t.shape[-1])
+        elif "_exps" in name:
+            total += t.n_bytes * k / e
+        elif len(t.shape) >= 2 and t.shape[1] > 1:
+            total += t.n_bytes
+    return total
+
+
+WORKERS = {"bandwidth": worker_bandwidth, "dsv3": worker_dsv3, "hf": worker_hf, "llama": worker_llama}
+
+
+# --- artifacts ---------------------------------------------------------------------------------------------------
+def make_hf_checkpoint(dst: Path, preset: str = "bench") -> Path:
+    """The preset's random weights under their HF names, BF16 (as DeepSeek's non-FP8 releases)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dsv3_rt.core.checkpoint import RandomSource
+    from dsv3_rt.core.config import ModelConfig
+    from dsv3_rt.core.loader import expected_shapes
+
+    if (dst / "config.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.from_preset(preset)
+    src = RandomSource(expected_shapes(cfg), seed=0)
+    tensors = {}
+    for name in src.shapes:
+        t = src.vector(name)
+        tensors[name] = t.float() if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps({**cfg.to_hf_dict(), "torch_dtype": "bfloat16"}, indent=1))
+    return dst
+
+
+def make_fp8_checkpoint(bf16_dir: Path, dst: Path) -> Path:
+    """The same weights as DeepSeek ships V3: linears in FP8 e4m3 with 128x128 `weight_scale_inv`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dsv3_rt.core.weights import quantize_fp8_block
+
+    if (dst / "config.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    out = {}
+    with safe_open(str(bf16_dir / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "shared_head")
+            if t.dim() == 2 and not any(s in name for s in skip):
+                out[name], out[name.replace(".weight", ".weight_scale_inv")] = quantize_fp8_block(t.float())
+            else:
+                out[name] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((bf16_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    return dst
+
+
+def make_ggufs(bf16_dir: Path, cache: Path) -> dict[str, Path]:
+    """F16 through `dsv3-rt convert --to gguf`, Q8_0 and Q4_K_M through llama.cpp's own quantiser."""
+    import ctypes
+
+    import llama_cpp
+
+    from dsv3_rt.core.gguf_convert import convert_to_gguf
+
+    f16 = cache / "bench-f16.gguf"
+    if not f16.is_file():
+        convert_to_gguf(bf16_dir, f16, "f16", progress=False)
+    out = {"F16": f16}
+    for label, ftype in (("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+        path = cache / f"bench-{label.lower()}.gguf"
+        if not path.is_file():
+            p = llama_cpp.llama_model_quantize_default_params()
+            p.ftype, p.nthread = ftype, 2
+            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(path).encode(), ctypes.byref(p))
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize -> {label} failed ({rc})")
+        out[label] = path
+    return out
+
+
+# --- the driver --------------------------------------------------------------------------------------------------
+def run_worker(kind: str, args: argparse.Namespace, extra: list[str], timeout: float = 3600) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--runs", str(args.runs),
+           "--prefill-runs", str(args.prefill_runs), "--decode-tokens", str(args.decode_tokens),
+           "--prefill", *map(str, args.prefill), "--bw-bytes", str(args.bw_bytes), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode != 0:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1][:300] if (p.stderr or p.stdout).strip() else f"exit {p.returncode}"}
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def engines(args: argparse.Namespace, cache: Path) -> list[tuple[str, str, list[str]]]:
+    """(label, worker kind, worker args) of every engine to measure."""
+    from dsv3_rt.core.plugins import backend_classes
+
+    bf16 = make_hf_checkpoint(cache / "hf-bf16")
+    fp8 = make_fp8_checkpoint(bf16, cache / "hf-fp8")
+    out: list[tuple[str, str, list[str]]] = []
+    classes = backend_classes()
+    for name, cls in sorted(classes.items()):
+        if cls.device_type != "cpu" or not cls.probe().ok or name not in args.backends:
+            continue
+        for dtype in cls.capabilities.dtypes:
+            if dtype not in args.dtypes:
+                continue
+            ckpt = fp8 if dtype == "fp8" else bf16
+            out.append((f"dsv3-rt {name} {dtype}", "dsv3", ["--backend", name, "--dtype", dtype, "--ckpt", str(ckpt)]))
+    if "transformers" in args.peers:
+        out.append(("transformers bf16", "hf", ["--ckpt", str(bf16)]))
+    if "llama.cpp" in args.peers:
+        try:
+            for label, path in make_ggufs(bf16, cache).items():
+                out.append((f"llama.cpp {label}", "llama", ["--gguf", str(path)]))
+        except ImportError as e:
+            print(f"llama.cpp skipped: {e}", file=sys.stderr)
+    return out
+
+
+def _load_note() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} (1/5 min) on {os.cpu_count()} cores"
+
+
+def targets(results: dict[str, dict], bw_gbps: float) -> list[tuple[str, str, bool | None]]:
+    def dec(label: str) -> float | None:
+        return results.get(label, {}).get("decode_tok_s")
+
+    def ratio(a: str, b: str, key: str = "decode_tok_s", n: int | None = None) -> float | None:
+        va, vb = results.get(a, {}).get(key), results.get(b, {}).get(key)
+        if n is not None:
+            va, vb = (va or {}).get(str(n)) or (va or {}).get(n), (vb or {}).get(str(n)) or (vb or {}).get(n)
+        return va / vb if va and vb else None
+
+    out = []
+
+    def add(name: str, value: float | None, goal: float, fmt: str = "{:.2f}x") -> None:
+        out.append((name, "n/a" if value is None else fmt.format(value), None if value is None else value >= goal))
+
+    add("decode int8 / llama.cpp Q8_0 >= 1.0", ratio("dsv3-rt cpu int8", "llama.cpp Q8_0"), 1.0)
+    add("decode int4 / llama.cpp Q4_K_M >= 1.0", ratio("dsv3-rt cpu int4", "llama.cpp Q4_K_M"), 1.0)
+    add("decode bf16 / transformers bf16 >= 3.0", ratio("dsv3-rt cpu bfloat16", "transformers bf16"), 3.0)
+    add("decode int8 / transformers bf16 >= 3.0", ratio("dsv3-rt cpu int8", "transformers bf16"), 3.0)
+    r = results.get("dsv3-rt cpu int8", {})
+    roof = r["decode_tok_s"] / (bw_gbps * 1e9 / r["bytes_per_token"]) if r.get("bytes_per_token") and r.get("decode_tok_s") else None
+    add("decode int8 >= 80% of roofline", roof, 0.8, "{:.0%}")
+    add("prefill 1024 int8 / llama.cpp Q8_0 >= 2.0", ratio("dsv3-rt cpu int8", "llama.cpp Q8_0", "prefill_tok_s", 1024), 2.0)
+    for label, res in results.items():
+        if label.startswith("dsv3-rt cpu") and res.get("peak_rss_mib") and res.get("weights_mib"):
+            add(f"peak RSS / weights ({label.removeprefix('dsv3-rt ')}) <= 1.15", res["peak_rss_mib"] / res["weights_mib"], -1, "{:.2f}x")
+            name, value, _ = out[-1]
+            out[-1] = (name, value, res["peak_rss_mib"] / res["weights_mib"] <= 1.15)
+    return out
+
+
+def table(results: dict[str, dict], bw_gbps: float, prefill: list[int]) -> str:
+    head = ["engine", "decode tok/s", "roofline", *[f"prefill {n} tok/s" for n in prefill], "peak RSS MiB", "weights MiB", "load s"]
+    rows = [head]
+    for label, r in results.items():
+        if "error" in r:
+            rows.append([label, "error: " + r["error"][:60]] + [""] * (len(head) - 2))
+            continue
+        bpt = r.get("bytes_per_token")
+        roof = f"{r['decode_tok_s'] / (bw_gbps * 1e9 / bpt):.0%} of {bw_gbps * 1e9 / bpt:.0f}" if bpt else "-"
+        pre = [f"{(r['prefill_tok_s'].get(str(n)) or r['prefill_tok_s'].get(n) or 0):.1f}" for n in prefill]
+        rows.append([label, f"{r['decode_tok_s']:.2f}", roof, *pre, f"{r['peak_rss_mib']:.0f}", f"{r['weights_mib']:.0f}", f"{r['load_s']:.1f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 runs of 16 decode tokens, prefill 128 only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prefill-runs", type=int, default=2)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--prefill", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--bw-bytes", type=int, default=2 << 30)
+    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DSV3RT_BENCH_CACHE", "/tmp/dsv3rt-bench")))
+    ap.add_argument("--backends", nargs="+", default=["cpu", "reference", "onnxruntime", "openvino"])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "int8", "int4", "fp8"])
+    ap.add_argument("--peers", nargs="+", default=["transformers", "llama.cpp"])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return 0
+    if args.quick:
+        args.runs, args.decode_tokens, args.prefill, args.prefill_runs, args.bw_bytes = 2, 16, [128], 1, 512 << 20
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    load_before = _load_note()
+    bw = run_worker("bandwidth", args, [])
+    bw_gbps = bw.get("read_gbps", float("nan"))
+    print(f"read bandwidth (torch sum, {args.threads} threads): {bw_gbps:.1f} GB/s; {load_before}", flush=True)
+    results: dict[str, dict] = {}
+    for label, kind, extra in engines(args, args.cache_dir):
+        if label.startswith("dsv3-rt reference"):  # fp32 reference kernels: minutes per prefill; decode only
+            extra = extra + ["--prefill", "128"]
+        res = run_worker(kind, args, extra)
+        results[label] = res
+        print(f"{label}: " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s, "
+              f"prefill {res['prefill_tok_s']}, rss {res['peak_rss_mib']:.0f} MiB, load {res['load_s']:.1f} s"), flush=True)
+    text = table(results, bw_gbps, args.prefill)
+    tgt = targets(results, bw_gbps)
+    tgt_text = "\n".join(f"[{'PASS' if ok else 'FAIL' if ok is not None else 'n/a '}] {name}: {value}" for name, value, ok in tgt)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch CPU capability " \
+              f"{__import__('torch').backends.cpu.get_cpu_capability()}"
+    report = f"{machine}\nread bandwidth {bw_gbps:.1f} GB/s; before: {load_before}; after: {_load_note()}\n\n{text}\n\nTargets:\n{tgt_text}\n"
+    print("\n" + report)
+    RESULTS.mkdir(exist_ok=True)
+    stem = args.out or RESULTS / f"cpu-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M')}"
+    Path(f"{stem}.json").write_text(json.dumps({"machine": machine, "threads": args.threads, "bandwidth": bw,
+                                                "load_before": load_before, "load_after": _load_note(), "quick": args.quick,
+                                                "results": results, "targets": [{"name": n, "value": v, "pass": ok} for n, v, ok in tgt]},
+                                               indent=1))
+    Path(f"{stem}.txt").write_text(report)
+    print(f"wrote {stem}.json and {stem}.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
