@@ -152,3 +152,13 @@ def test_cast_fp8_to_bf16(fp8_pair, tmp_path):
     assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want)
     ours = dsv3_rt.load(out, backend="reference", dtype="float32", progress=False)
     assert (hf_logits(hf, PROMPT) - ours.logits(PROMPT)).abs().max().item() < 0.05  # only bf16 rounding apart
+
+
+def test_convert_command_to_bf16(fp8_pair, tmp_path, capsys):
+    from dsv3_rt.cli import main
+
+    _, path = fp8_pair
+    assert main(["convert", "--to", "bf16", str(path), str(tmp_path / "out")]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert main(["convert", "--to", "bf16", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    assert "has no config.json" in capsys.readouterr().err

@@ -20,8 +20,17 @@ def to_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def to_bf16(args: argparse.Namespace) -> int:
+    """An FP8 checkpoint (e4m3fn + weight_scale_inv) -> BF16, shard by shard (DeepSeek's fp8_cast_bf16)."""
+    from dsv3_rt.core.fp8_cast import cast_fp8_to_bf16
+
+    path = cast_fp8_to_bf16(args.src, args.dst, progress=sys.stderr.isatty())
+    print(f"wrote {path} (bf16, no quantization_config)")
+    return 0
+
+
 #: --to value -> the function that writes it
-TARGETS = {"gguf": to_gguf}
+TARGETS = {"gguf": to_gguf, "bf16": to_bf16}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,7 +54,7 @@ def shard(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to another format",
-                       description="Convert a checkpoint: --to gguf writes a llama.cpp deepseek2 GGUF from an HF "
+                       description="Convert a checkpoint: --to bf16 dequantises an FP8 checkpoint to BF16 shard by shard; --to gguf writes a llama.cpp deepseek2 GGUF from an HF "
                                    "checkpoint directory (FP8 with weight_scale_inv, BF16 or FP32).")
     p.add_argument("--to", choices=sorted(TARGETS), help="output format")
     p.add_argument("src", help="source checkpoint directory")

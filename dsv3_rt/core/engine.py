@@ -15,6 +15,7 @@ import torch
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.errors import RequestError
 from dsv3_rt.core.sampling import SamplingParams
+from dsv3_rt.core.speculative import SpecStats, draw, verify
 from dsv3_rt.graph import DeepseekV3
 
 _ids = itertools.count()
@@ -30,6 +31,9 @@ class Sequence:
     cached: int = 0  # tokens whose latent is already in the cache
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     generator: torch.Generator | None = None
+    mtp_cached: int = 0  # positions the MTP module has consumed (its own latent cache layer)
+    drafts: list[int] = field(default_factory=list)  # MTP proposals for the next positions
+    draft_probs: torch.Tensor | None = None  # [len(drafts), V] the distributions they were drawn from
 
     @property
     def tokens(self) -> list[int]:
@@ -41,8 +45,14 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, graph: DeepseekV3, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int | None = None) -> None:
+    def __init__(self, graph: DeepseekV3, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int | None = None,
+                 mtp: int = 0) -> None:
+        """mtp: draft this many tokens per step with the model's MTP module (0: plain decoding)."""
+        if mtp and not graph.w.mtp:
+            raise RequestError("this checkpoint has no MTP module (num_nextn_predict_layers = 0 or its weights are absent)")
         self.graph = graph
+        self.mtp = mtp
+        self.spec = SpecStats()
         self.max_len = min(max_len or graph.cfg.max_position_embeddings, graph.cfg.max_position_embeddings)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -77,49 +87,128 @@ class Engine:
 
     # --- the loop -------------------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int]]:
-        """One forward over every running sequence; returns the (sequence, new token) pairs it produced."""
+        """One forward over every running sequence; returns the (sequence, new token) pairs it produced.
+
+        A prefilling sequence brings its uncached prompt tokens, a decoding one its last token plus its MTP
+        drafts (verified here, see dsv3_rt.core.speculative)."""
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop()
             self.running.append(seq)
         if not self.running:
             return []
-        batch_seqs, lengths, chunks = [], [], []
-        for seq in self.running:
+        seqs = list(self.running)
+        chunks = []
+        for seq in seqs:
             todo = seq.tokens[seq.cached:]
             if self.prefill_chunk and len(todo) > self.prefill_chunk:
                 todo = todo[: self.prefill_chunk]
-            batch_seqs.append(seq)
-            lengths.append(len(todo))
-            chunks.append(todo)
+            chunks.append(todo + seq.drafts)
         k = self.graph.k
-        batch = AttnBatch.build([s.slot for s in batch_seqs], [s.cached for s in batch_seqs], lengths, k.device)
+        starts = [s.cached for s in seqs]
+        batch = AttnBatch.build([s.slot for s in seqs], starts, [len(c) for c in chunks], k.device)
         ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=k.device)
         hidden = self.graph.forward(ids, batch, self.cache)
-        ready = [i for i, s in enumerate(batch_seqs) if s.cached + lengths[i] == len(s.tokens)]
-        for s, n in zip(batch_seqs, lengths):
-            s.cached += n
-        if not ready:
-            return []
-        rows = torch.tensor([batch.last_token_rows[i] for i in ready], device=k.device)
-        logits = self.graph.logits(hidden[rows])
-        new = self.sample([batch_seqs[i] for i in ready], logits)
-        out = []
-        for i, tok in zip(ready, new):
-            seq = batch_seqs[i]
-            seq.generated.append(tok)
-            out.append((seq, tok))
-            self._check_stop(seq)
+        offsets = [end - len(c) + 1 for end, c in zip(batch.last_token_rows, chunks)]
+        # sequences whose every known token is now cached get new tokens: one row each, k + 1 with drafts
+        ready = [i for i, s in enumerate(seqs) if starts[i] + len(chunks[i]) - len(s.drafts) == len(s.tokens)]
+        for i, s in enumerate(seqs):
+            s.cached = starts[i] + len(chunks[i]) - len(s.drafts)
+        out: list[tuple[Sequence, int]] = []
+        if ready:
+            rows = [r for i in ready for r in range(offsets[i] + len(chunks[i]) - 1 - len(seqs[i].drafts), offsets[i] + len(chunks[i]))]
+            logits = self.graph.logits(hidden[torch.tensor(rows, device=k.device)])
+            new = self._new_tokens([seqs[i] for i in ready], logits)
+            for i, toks in zip(ready, new):
+                seq = seqs[i]
+                seq.cached = starts[i] + (len(toks) if seq.drafts else len(chunks[i]))
+                seq.drafts, seq.draft_probs = [], None
+                for tok in toks:
+                    seq.generated.append(tok)
+                    out.append((seq, tok))
+                    self._check_stop(seq)
+                    if seq.finished:
+                        break
+        if self.mtp:
+            self._draft(seqs, starts, offsets, hidden)
         return out
 
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        k = self.graph.k
-        dev = logits.device
+    def _new_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[list[int]]:
+        """New tokens per ready sequence from its logits rows (1 row, or k + 1 rows verifying k drafts)."""
+        if not any(s.drafts for s in seqs):
+            return [[t] for t in self.sample(seqs, logits)]
+        k, row, result = self.graph.k, 0, []
+        for s in seqs:
+            n = len(s.drafts) + 1
+            probs = k.sampling_probs(logits[row:row + n], *self._params([s] * n, logits.device))
+            toks = verify(probs, s.drafts, s.draft_probs, s.generator)
+            self.spec.drafted += len(s.drafts)
+            self.spec.accepted += len(toks) - 1
+            self.spec.verify_steps += 1
+            self.spec.verify_tokens += len(toks)
+            result.append(toks)
+            row += n
+        return self._agree_lists(result)
+
+    def _draft(self, seqs: list[Sequence], starts: list[int], offsets: list[int], hidden: torch.Tensor) -> None:
+        """Run the MTP module over every position the main model just confirmed, then draft each decoding
+        sequence's next tokens (chaining the module for k > 1)."""
+        live = [i for i, s in enumerate(seqs) if not s.finished and s.cached > s.mtp_cached]
+        if not live:
+            return
+        k, dev = self.graph.k, self.graph.k.device
+        rows, next_ids, lengths = [], [], []
+        for i in live:
+            s = seqs[i]  # MTP position p pairs the main hidden at p with the token at p + 1
+            rows += [offsets[i] + p - starts[i] for p in range(s.mtp_cached, s.cached)]
+            next_ids += s.tokens[s.mtp_cached + 1: s.cached + 1]
+            lengths.append(s.cached - s.mtp_cached)
+        batch = AttnBatch.build([seqs[i].slot for i in live], [seqs[i].mtp_cached for i in live], lengths, dev)
+        h, normed = self.graph.mtp(0, hidden[torch.tensor(rows, device=dev)],
+                                   torch.tensor(next_ids, dtype=torch.int64, device=dev), batch, self.cache)
+        for i in live:
+            seqs[i].mtp_cached = seqs[i].cached
+        drafting = [(j, seqs[i]) for j, i in enumerate(live) if seqs[i].cached == len(seqs[i].tokens) - 1 and self._draft_len(seqs[i]) > 0]
+        last = torch.tensor([batch.last_token_rows[j] for j, _ in drafting], dtype=torch.int64, device=dev)
+        group = [s for _, s in drafting]
+        h, normed = h[last], normed[last]
+        depth = 0
+        while group:
+            logits = self.graph.logits(normed)
+            probs = k.sampling_probs(logits, *self._params(group, dev))
+            drafts = self._agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
+            for j, s in enumerate(group):
+                s.drafts.append(drafts[j][0])
+                s.draft_probs = probs[j:j + 1] if s.draft_probs is None else torch.cat([s.draft_probs, probs[j:j + 1]])
+            depth += 1
+            keep = [j for j, s in enumerate(group) if len(s.drafts) < self._draft_len(s)]
+            if not keep:
+                break
+            group = [group[j] for j in keep]
+            sel = torch.tensor(keep, dtype=torch.int64, device=dev)
+            chain = AttnBatch.build([s.slot for s in group], [s.cached + depth - 1 for s in group], [1] * len(group), dev)
+            ids = torch.tensor([s.drafts[-1] for s in group], dtype=torch.int64, device=dev)
+            h, normed = self.graph.mtp(0, h[sel], ids, chain, self.cache)  # chained on its own output
+
+    def _draft_len(self, s: Sequence) -> int:
+        """Drafts to verify next step: at most mtp, never past max_new_tokens or the context."""
+        return max(0, min(self.mtp, s.params.max_new_tokens - len(s.generated) - 1, self.max_len - len(s.tokens)))
+
+    def _params(self, seqs: list[Sequence], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         temp = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev)
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64, device=dev)
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
-        u = torch.stack([torch.rand((), generator=s.generator) for s in seqs]).to(dev)
-        return k.sample(logits, temp, top_k, top_p, u).tolist()
+        return temp, top_k, top_p
+
+    def _agree_lists(self, lists: list[list[int]]) -> list[list[int]]:
+        """Rank 0's token lists on every rank (identity in a single process)."""
+        width = max(len(x) for x in lists)
+        t = torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.int64, device=self.graph.k.device)
+        return [[v for v in row if v >= 0] for row in self.graph.agree(t).tolist()]
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        u = torch.stack([torch.rand((), generator=s.generator) for s in seqs]).to(logits.device)
+        return self.graph.agree(self.graph.k.sample(logits, *self._params(seqs, logits.device), u)).tolist()
 
     def _check_stop(self, seq: Sequence) -> None:
         tok = seq.generated[-1]

@@ -78,17 +78,19 @@ class Model:
         return Engine(self.graph, max_batch=max_batch, max_len=max_len, **kw)
 
     def generate(self, ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, max_len: int | None = None) -> list[int]:
-        """New tokens only. Greedy at temperature 0; stops at EOS or max_new_tokens."""
+                 top_p: float = 1.0, seed: int | None = None, max_len: int | None = None, mtp: int = 0) -> list[int]:
+        """New tokens only. Greedy at temperature 0; stops at EOS or max_new_tokens.
+        mtp=K drafts K tokens per step with the MTP module (same output distribution, fewer main steps)."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-        return self.generate_batch([ids], params, max_len=max_len)[0]
+        return self.generate_batch([ids], params, max_len=max_len, mtp=mtp)[0]
 
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                       max_len: int | None = None) -> list[list[int]]:
+                       max_len: int | None = None, mtp: int = 0) -> list[list[int]]:
         """Several prompts as one continuous batch; new tokens per prompt in input order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         need = max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, plist))
-        engine = self.engine(max_batch=len(prompts), max_len=max_len or need)
+        engine = self.engine(max_batch=len(prompts), max_len=max_len or need, mtp=mtp)
+        self.last_engine = engine  # its counters (spec acceptance) outlive the call
         return engine.generate(prompts, plist)
 
 

@@ -1,0 +1,102 @@
+"""MTP speculative decoding: greedy output unchanged, sampled output distributed as plain sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv3_rt
+from dsv3_rt.core.checkpoint import RandomSource
+from dsv3_rt.core.config import ModelConfig
+from dsv3_rt.core.engine import Engine
+from dsv3_rt.core.kernels import Kernels
+from dsv3_rt.core.loader import WeightBuilder, expected_shapes
+from dsv3_rt.core.sampling import SamplingParams
+from dsv3_rt.core.speculative import verify
+from dsv3_rt.graph import DeepseekV3
+
+PROMPTS = [[0] + [(7 * i + 3 * j) % 300 + 2 for j in range(2 + i)] for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return dsv3_rt.load("tiny", backend="reference", progress=False)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_output_is_unchanged(tiny, k):
+    assert tiny.has_mtp
+    for p in PROMPTS[::2]:
+        want = tiny.generate(p, max_new_tokens=8)
+        assert tiny.generate(p, max_new_tokens=8, mtp=k) == want
+        spec = tiny.last_engine.spec
+        assert spec.drafted > 0 and spec.verify_steps > 0
+
+
+def test_greedy_in_a_batch_with_mixed_lengths(tiny):
+    params = [SamplingParams(max_new_tokens=n) for n in (3, 9, 1, 7, 12, 5)]
+    assert tiny.generate_batch(PROMPTS, params, mtp=2) == tiny.generate_batch(PROMPTS, params)
+
+
+def test_perfect_drafts_are_all_accepted(tiny, monkeypatch):
+    """Drafts equal to the greedy continuation: k accepted per step plus a bonus token, same output."""
+    prompt = PROMPTS[3]
+    want = tiny.generate(prompt, max_new_tokens=13)
+
+    def oracle(self, seqs, starts, offsets, hidden):  # noqa: ANN001
+        for s in seqs:
+            n = self._draft_len(s)
+            if s.finished or n == 0 or s.cached != len(s.tokens) - 1:
+                continue
+            s.drafts = want[len(s.generated):len(s.generated) + n]
+            s.draft_probs = torch.nn.functional.one_hot(torch.tensor(s.drafts), tiny.config.vocab_size).float()
+
+    monkeypatch.setattr(Engine, "_draft", oracle)
+    assert tiny.generate(prompt, max_new_tokens=13, mtp=3) == want
+    spec = tiny.last_engine.spec
+    assert spec.acceptance == 1.0 and spec.tokens_per_step == pytest.approx(4.0)  # 12 tokens in 3 steps
+
+
+def test_verify_is_greedy_on_one_hot_distributions():
+    eye = torch.eye(5)
+    g = torch.Generator().manual_seed(0)
+    target = eye[[2, 4, 1]]  # argmax tokens at the three positions
+    assert verify(target, [2, 4], eye[[2, 4]], g) == [2, 4, 1]
+    assert verify(target, [2, 3], eye[[2, 3]], g) == [2, 4]
+    assert verify(target, [0, 4], eye[[0, 4]], g) == [2]
+
+
+def test_verify_first_token_follows_the_target():
+    """Whatever q drafted from, the first emitted token is distributed as p_0 (speculative sampling)."""
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(2, 5, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(1, 5, generator=g) * 2, -1)
+    n, counts = 20000, torch.zeros(5)
+    for _ in range(n):
+        d = int(torch.multinomial(q[0], 1, generator=g))
+        counts[verify(p, [d], q, g)[0]] += 1
+    assert (counts / n - p[0]).abs().max() < 0.015
+
+
+def test_sampled_distribution_matches_plain_sampling():
+    """Engine level, vocabulary of 6: the joint distribution of the first two sampled tokens is the same
+    with MTP (k = 2, random untrained module, so many rejections) as without it (chi-square, fixed seeds)."""
+    cfg = ModelConfig.from_preset("tiny").replace(vocab_size=6, eos_token_id=(99,))
+    kernels = Kernels()
+    weights = WeightBuilder(cfg, RandomSource(expected_shapes(cfg), seed=3, std=0.25), kernels).build(progress=False)
+    graph = DeepseekV3(cfg, kernels, weights)
+    n = 600
+
+    def joint(mtp: int) -> torch.Tensor:
+        engine = Engine(graph, max_batch=n, max_len=8, mtp=mtp)
+        params = [SamplingParams(temperature=1.0, max_new_tokens=3, seed=10_000 * mtp + i) for i in range(n)]
+        out = engine.generate([[0, 3, 5]] * n, params)
+        counts = torch.zeros(36)
+        for toks in out:
+            counts[toks[0] * 6 + toks[1]] += 1
+        return counts
+
+    a, b = joint(0), joint(2)
+    used = (a + b) > 0
+    chi2 = (((a - b) ** 2) / (a + b).clamp(min=1))[used].sum().item()
+    dof = int(used.sum()) - 1
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)  # ~ the 99.99 % quantile
