@@ -76,6 +76,11 @@ class AscendBackend(Kernels):
             import_torch_npu()  # registers the "npu" device type with torch
         super().__init__(dtype, device, **options)
 
+    @classmethod
+    def compute_dtype_for(cls, dtype: str) -> torch.dtype:
+        """Activations in bf16 for every weight format but float32 (as DeepSeek runs on accelerators)."""
+        return torch.float32 if dtype == "float32" else torch.bfloat16
+
     # --- weights --------------------------------------------------------------------------------------------
     def prepare_weight(self, w: Weight, usage: str) -> Weight:
         """The reference policy (FP8 -> dense compute dtype, or INT8 rows for dtype int8), on the NPU."""

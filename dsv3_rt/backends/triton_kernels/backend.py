@@ -63,6 +63,11 @@ class TritonBackend(Kernels):
         if dtype == "fp8":
             self.check_fp8(self.device)
 
+    @classmethod
+    def compute_dtype_for(cls, dtype: str) -> torch.dtype:
+        """Activations in bf16 for every weight format but float32 (as DeepSeek runs on accelerators)."""
+        return torch.float32 if dtype == "float32" else torch.bfloat16
+
     # --- hooks for subclasses -------------------------------------------------------------------------------
     @classmethod
     def default_fp8_format(cls, device: torch.device) -> str:
