@@ -7,7 +7,6 @@ error, xpass. Skips come only from declared capabilities or the backend's probe,
 """
 from __future__ import annotations
 
-import fnmatch
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ import torch
 from dsv3_rt.conformance.cases import OpCase, op_cases, prepare, to_cpu
 from dsv3_rt.conformance.model_cases import ModelCase, load_model, model_cases, reference_twin
 from dsv3_rt.conformance.tolerances import (MODEL_TOLERANCES, OP_TOLERANCES, QUANT_TOLERANCES, Comparison, Tolerance,
-                                            compare, tolerance_for)
+                                            compare, matches, tolerance_for)
 from dsv3_rt.core.kernels import API_VERSION, DTYPES, OPS, Availability, Kernels, fallback_ops, overridden_ops
 
 STATUSES = ("pass", "fallback", "skip", "xfail", "xpass", "mismatch", "error")
@@ -177,7 +176,7 @@ class Suite:
 
     def _xfail_reason(self, case_id: str) -> str | None:
         for pattern, reason in getattr(self.cls, "conformance_xfail", {}).items():
-            if fnmatch.fnmatchcase(case_id, pattern):
+            if matches(pattern, case_id):
                 return reason
         return None
 
@@ -206,7 +205,7 @@ class Suite:
         for pattern, reason in getattr(cls, "conformance_xfail", {}).items():
             if not str(reason).strip():
                 out.append(f"conformance_xfail[{pattern!r}] has no reason")
-            if not any(fnmatch.fnmatchcase(i, pattern) for i in ids):
+            if not any(matches(pattern, i) for i in ids):
                 out.append(f"conformance_xfail[{pattern!r}] matches no case (stale entry)")
         if self.availability.reason.startswith("probe() "):
             out.append(f"{self.availability.reason}: it must return an Availability and never raise")

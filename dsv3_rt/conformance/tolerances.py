@@ -8,7 +8,7 @@ reason, through its class attribute `conformance_tolerances` (see docs/writing-a
 """
 from __future__ import annotations
 
-import fnmatch
+import re
 from dataclasses import dataclass
 
 import torch
@@ -51,14 +51,19 @@ QUANT_TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+def matches(pattern: str, text: str) -> bool:
+    """Glob match where only `*` is a wildcard (case ids contain brackets, which fnmatch would misread)."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), text) is not None
+
+
 def tolerance_for(backend: type, op: str, dtype: str, table: dict[str, Tolerance]) -> Tolerance:
     """The table's entry, unless the backend's `conformance_tolerances` has a reasoned override.
 
-    Override keys are "op:dtype" patterns (fnmatch), e.g. {"mla_attention:bfloat16": Tolerance(...)}; the
+    Override keys are "op:dtype" patterns (`*` wildcards), e.g. {"mla_attention:bfloat16": Tolerance(...)}; the
     first matching key wins. Overrides without a reason are ignored (and reported by the capabilities case).
     """
     for pattern, tol in getattr(backend, "conformance_tolerances", {}).items():
-        if fnmatch.fnmatchcase(f"{op}:{dtype}", pattern) and isinstance(tol, Tolerance) and tol.reason.strip():
+        if matches(pattern, f"{op}:{dtype}") and isinstance(tol, Tolerance) and tol.reason.strip():
             return tol
     return table[dtype]
 
