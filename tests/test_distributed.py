@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,3 +159,47 @@ def test_a_dead_or_hung_rank_ends_the_others_with_a_clear_error(hf_ckpt, tmp_pat
     print(f"{how}: rank 0 stopped {elapsed:.1f}s after rank 1; error: {err}")
     assert code == 1
     assert "rank 0 of 2: a collective failed because another rank stopped answering" in err
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer_ckpt(tmp_path_factory):
+    from hf_tiny import make_tiny_hf_checkpoint
+
+    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tok") / "ckpt", vocab_size=400)  # 400: splits over 2
+
+
+def _cli(ckpt: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dsv3_rt", "run", "--model", str(ckpt), "--backend", "reference", "--dtype", "float32",
+            "--prompt", "Hello world", *extra]
+
+
+def test_run_tp2_prints_the_single_process_text(tokenizer_ckpt, capsys):
+    assert cli_main(_cli(tokenizer_ckpt, "--max-new-tokens", "12")[3:]) == 0
+    single = capsys.readouterr().out
+    out = subprocess.run(_cli(tokenizer_ckpt, "--max-new-tokens", "12", "--tp", "2"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == single and single.strip()
+    assert out.stderr.count("dsv3-rt: model:") == 1  # only rank 0 talks
+
+
+def test_ctrl_c_stops_every_rank(tokenizer_ckpt):
+    import psutil
+
+    proc = subprocess.Popen(_cli(tokenizer_ckpt, "--max-new-tokens", "500", "--tp", "2", "--no-chat"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.read(1)  # rank 0 is streaming
+        ranks = psutil.Process(proc.pid).children()
+        assert len(ranks) == 2
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        elapsed = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, err = proc.communicate()
+    print(f"Ctrl-C: launcher and ranks gone {elapsed:.1f}s after SIGINT")
+    assert code == 130, err
+    assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks)
