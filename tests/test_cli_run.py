@@ -117,7 +117,7 @@ def test_input_file_batches_equal_single_runs(ckpt: Path, hf, tmp_path: Path, ca
 
 
 def test_seeded_sampling_repeats(ckpt: Path, tmp_path: Path, capsys) -> None:
-    args = ["--model", str(ckpt), "--prompt", PROMPTS[1], "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95",
+    args = ["--model", str(ckpt), "--prompt", PROMPTS[0], "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95",
             "--max-new-tokens", str(N)]
     _, first, _ = run(capsys, *args, "--seed", "3")
     _, again, _ = run(capsys, *args, "--seed", "3")
@@ -126,7 +126,7 @@ def test_seeded_sampling_repeats(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert first != other  # the seed reaches the sampler
     # a sequence's draws come from its own generator: in a batch it samples as it does alone
     src, dst = tmp_path / "p.txt", tmp_path / "o.jsonl"
-    src.write_text(f"{PROMPTS[0]}\n{PROMPTS[1]}\n", encoding="utf-8")
+    src.write_text(f"{PROMPTS[1]}\n{PROMPTS[0]}\n", encoding="utf-8")
     run(capsys, *args[:2], *args[4:], "--input-file", str(src), "--output", str(dst), "--seed", "3")
     assert json.loads(dst.read_text(encoding="utf-8").splitlines()[1])["completion"] + "\n" == first
 
