@@ -1,0 +1,131 @@
+"""The embedded default model (dsv3_rt/data/default_model, trained by tools/train_tiny.py) is a real model:
+DeepSeek's FP8 checkpoint layout, held-out perplexity far below a bigram model's, a working MTP module, and
+greedy continuations of function headers that compile."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import dsv3_rt
+from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR, describe
+from dsv3_rt.core.tokenizer import Tokenizer
+
+HEADERS = ["def fibonacci(n):", "def read_file(path):", "class Stack:", "def is_prime(n):",
+           "def main():", "class Point:"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dsv3_rt.load(DEFAULT_MODEL_DIR, backend="reference", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def quality() -> dict:
+    return json.loads((DEFAULT_MODEL_DIR / "quality.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sample_windows(tok: Tokenizer) -> list[list[int]]:
+    """The fixed held-out subset quality.json's "sample" numbers were measured on: BOS + file + EOS per file,
+    cut into non-overlapping windows."""
+    sample = json.loads((DEFAULT_MODEL_DIR / "heldout_sample.json").read_text())
+    stream: list[int] = []
+    for f in sample["files"]:
+        stream += tok.encode(f["text"], add_bos=True) + [tok.eos_id]
+    n = sample["eval_len"]
+    windows = [stream[i * n:(i + 1) * n] for i in range(len(stream) // n)][: sample["windows"]]
+    assert len(windows) == sample["windows"]
+    return windows
+
+
+def test_checkpoint_is_deepseek_fp8_layout(quality: dict) -> None:
+    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["num_nextn_predict_layers"] == 1
+    assert cfg["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                          "weight_block_size": [128, 128]}
+    assert cfg["n_group"] > 1 and cfg["topk_group"] < cfg["n_group"] and cfg["first_k_dense_replace"] == 1
+    assert cfg["q_lora_rank"] and cfg["n_shared_experts"] >= 1
+    mtp = f"model.layers.{cfg['num_hidden_layers']}"
+    with safe_open(DEFAULT_MODEL_DIR / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        q = f.get_tensor(f"{mtp}.mlp.experts.0.down_proj.weight")
+        s = f.get_tensor(f"{mtp}.mlp.experts.0.down_proj.weight_scale_inv")
+        assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+        assert s.shape == (math.ceil(q.shape[0] / 128), math.ceil(q.shape[1] / 128))
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+        assert f.get_tensor(f"{mtp}.eh_proj.weight").dtype == torch.bfloat16
+    assert {f"{mtp}.enorm.weight", f"{mtp}.hnorm.weight", f"{mtp}.shared_head.norm.weight"} <= names
+    assert f"{mtp}.embed_tokens.weight" not in names and f"{mtp}.shared_head.head.weight" not in names
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir())
+    assert size < 40e6
+    assert f"{quality['params'] / 1e6:.1f}M params" in describe()
+
+
+def test_heldout_perplexity_beats_bigram_threefold(model, sample_windows: list[list[int]], quality: dict) -> None:
+    nll, n = 0.0, 0
+    for w in sample_windows:
+        logits = model.logits(w)
+        nll += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(w[1:]), reduction="sum"))
+        n += len(w) - 1
+    ppl = math.exp(nll / n)
+    s = quality["sample"]
+    assert ppl == pytest.approx(s["perplexity"], rel=1e-3)  # the shipped numbers describe the shipped model
+    assert ppl <= s["bigram_perplexity"] / 3, (ppl, s)
+    assert ppl < s["bigram_interpolated_perplexity"], (ppl, s)
+
+
+def test_mtp_predicts_two_ahead(model, sample_windows: list[list[int]]) -> None:
+    """The MTP module's top-1 guess of token i+2 beats always guessing the most frequent token."""
+    g = model.graph
+    hits = n = 0
+    counts: Counter[int] = Counter()
+    for w in sample_windows:
+        ids = torch.tensor(w)
+        cache = g.new_cache(1, len(w))
+        batch = AttnBatch.single(len(w))
+        with torch.no_grad():
+            hidden = g.forward(ids, batch, cache)
+            _, normed = g.mtp(0, hidden, torch.cat([ids[1:], ids[:1]]), batch, cache)
+        pred = g.logits(normed).argmax(-1)[:-2]
+        hits += int((pred == ids[2:]).sum())
+        n += len(w) - 2
+        counts.update(w[2:])
+    assert hits / n > 1.5 * counts.most_common(1)[0][1] / n
+
+
+def _complete_code(text: str) -> str:
+    """Cut at the last complete line and drop trailing block openers that have no body yet."""
+    lines = text[: text.rfind("\n")].split("\n")
+    while lines and (not lines[-1].strip() or lines[-1].rstrip().endswith(":")):
+        lines.pop()
+    return "\n".join(lines) + "\n"
+
+
+def test_greedy_continuations_compile(model, tok: Tokenizer) -> None:
+    from dsv3_rt.core.sampling import SamplingParams
+
+    prompts = [tok.encode(h + "\n", add_bos=True) for h in HEADERS]
+    outs = model.generate_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=40))
+    ok = []
+    for header, out in zip(HEADERS, outs):
+        code = _complete_code(header + "\n" + tok.decode(out, skip_special_tokens=True))
+        body = code[len(header) + 1:]
+        try:
+            compile(code, "<generated>", "exec")
+            ok.append(bool(body.strip()))
+        except SyntaxError:
+            ok.append(False)
+    assert sum(ok) >= len(HEADERS) // 2 + 1, list(zip(HEADERS, ok))
