@@ -65,7 +65,7 @@ class CpuBackend(Kernels):
 
     def __init__(self, dtype: str = "int8", device: str | torch.device | None = None, **options: Any) -> None:
         super().__init__(dtype, device, **options)
-        self._rope_cache: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None  # last forward's rotation
 
     # --- weights --------------------------------------------------------------------------------------------
     def prepare_weight(self, w: Weight, usage: str) -> Weight:
@@ -123,11 +123,11 @@ class CpuBackend(Kernels):
 
     def _rotation(self, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
         c = self._rope_cache
-        if c is not None and c[0] is positions and c[1] is inv_freq and c[2] == factor and positions._version == c[4]:
-            return c[3]
+        if c is not None and c[0] is positions and c[1] is inv_freq and c[2] == factor:  # an AttnBatch's positions
+            return c[3]  # are built once and never written
         angle = positions.float()[:, None] * inv_freq.float()[None, :]
         rot = torch.polar(torch.full_like(angle, factor), angle)
-        self._rope_cache = (positions, inv_freq, factor, rot, positions._version)
+        self._rope_cache = (positions, inv_freq, factor, rot)
         return rot
 
     def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,

@@ -1,0 +1,222 @@
+"""The cpu backend: its formats, each op against the reference on the same (dequantised) weights, and the
+whole tiny model per dtype (preset and a transformers-made checkpoint), decode vs prefill, batch vs single."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv3_rt
+from dsv3_rt.backends.cpu import CpuBackend
+from dsv3_rt.backends.cpu.formats import fp8_to_dense, quantize_int4, quantize_int8
+from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.kernels import ExpertWeights, Kernels, RouterSpec
+from dsv3_rt.core.weights import dense, fp8_weight, quantize_fp8_block
+
+DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
+QUANT_STEP = {"int8": 1 / 250, "int4": 1 / 13}  # |dequantised - source| / max|source|, the format's half step
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: str) -> None:
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    assert a.shape == b.shape
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def reference_for(k: CpuBackend) -> Kernels:
+    """The reference kernels at the backend's activation dtype: they compute on the dequantised weights."""
+    return Kernels("float32" if k.compute_dtype == torch.float32 else "bfloat16")
+
+
+def checkpoint_weight(*shape: int, dtype: str, seed: int = 0):  # noqa: ANN201
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return fp8_weight(*quantize_fp8_block(w)) if dtype == "fp8" else dense(w)
+
+
+# --- formats -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(96, 40), (288, 2048), (3, 136, 96)])
+def test_int4_pack_round_trip_and_kernel(shape):
+    w = torch.randn(*shape) * 0.02
+    q = quantize_int4(w)
+    assert q.dequantize().shape == w.shape
+    assert float((q.dequantize() - w).abs().max()) <= QUANT_STEP["int4"] * float(w.abs().max())
+    if len(shape) == 2:  # the kernel computes exactly what the registered dequantisation says
+        x = torch.randn(5, shape[1]).bfloat16()
+        from dsv3_rt.backends.cpu.matmul import matmul
+
+        torch.testing.assert_close(matmul(x, q).float(), x.float() @ q.dequantize().T, atol=2e-2, rtol=2e-2)
+
+
+def test_int8_bf16_scale_keeps_half_step():
+    w = torch.randn(64, 200) * 0.02
+    q = quantize_int8(w)
+    assert q.scale.dtype == torch.bfloat16
+    assert float((q.dequantize() - w).abs().max()) <= QUANT_STEP["int8"] * float(w.abs().max())
+
+
+def test_fp8_table_dequant_matches_core():
+    for shape in [(256, 384), (576, 200)]:  # whole blocks and a partial edge block
+        w = fp8_weight(*quantize_fp8_block(torch.randn(*shape)))
+        assert torch.equal(fp8_to_dense(w, torch.float32), w.dequantize(torch.float32))
+
+
+# --- ops vs the reference on the same weights --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 7, 130])  # kernel path, small batch, widened-to-bf16 path
+def test_linear(dtype, m):
+    k = CpuBackend(dtype)
+    w = k.prepare_weight(checkpoint_weight(192, 256, dtype=dtype), "linear")
+    x = torch.randn(m, 256).to(k.compute_dtype)
+    close(k.linear(x, w), reference_for(k).linear(x, w), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_norm_rope(dtype):
+    k = CpuBackend(dtype)
+    r = reference_for(k)
+    table = k.prepare_weight(checkpoint_weight(320, 96, dtype=dtype), "embedding")
+    ids = torch.tensor([0, 319, 5, 5])
+    close(k.embedding(ids, table), r.embedding(ids, table), dtype)
+    x, res = (torch.randn(4, 96).to(k.compute_dtype) for _ in range(2))
+    wt = (1 + 0.1 * torch.randn(96)).to(k.compute_dtype)
+    close(k.rms_norm(x, wt, 1e-6), r.rms_norm(x, wt, 1e-6), dtype)
+    for a, b in zip(k.add_rms_norm(x, res, wt, 1e-6), r.add_rms_norm(x, res, wt, 1e-6)):
+        close(a, b, dtype)
+    q = torch.randn(4, 3, 16).to(k.compute_dtype)
+    pos, inv = torch.tensor([0, 5, 6, 100]), 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    close(k.rope(q, pos, inv, 1.3), r.rope(q, pos, inv, 1.3), dtype)
+    close(k.rope(q[:, 0], pos, inv, 1.3), r.rope(q[:, 0], pos, inv, 1.3), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mla_prefill_decode_chunks_and_batches(dtype):
+    k = CpuBackend(dtype)
+    r = reference_for(k)
+    h, dn, dr, dv, rank = 3, 12, 8, 10, 24
+    kv_b = k.prepare_weight(checkpoint_weight(h * (dn + dv), rank, dtype=dtype), "mla_kv_b")
+    g = torch.Generator().manual_seed(1)
+    caches = [x.new_latent_cache(2, 3, 64, rank, dr) for x in (k, r)]
+    steps = [([0, 1], [0, 0], [9, 5]), ([0, 1, 2], [9, 5, 0], [1, 4, 3]), ([0], [10], [1])]
+    for slots, starts, lengths in steps:
+        t = sum(lengths)
+        q = torch.randn(t, h, dn + dr, generator=g).to(k.compute_dtype)
+        kv, pe = torch.randn(t, rank, generator=g).to(k.compute_dtype), torch.randn(t, dr, generator=g).to(k.compute_dtype)
+        batch = AttnBatch.build(slots, starts, lengths)
+        outs = [x.mla_attention(q[..., :dn], q[..., dn:], kv, pe, kv_b, c, 1, batch, 0.3) for x, c in zip((k, r), caches)]
+        close(outs[0], outs[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 6])
+def test_moe_experts_and_dense_mlp(dtype, t):
+    k = CpuBackend(dtype)
+    r = reference_for(k)
+    stack = lambda seed, *s: k.prepare_weight(checkpoint_weight(*s, dtype=dtype, seed=seed), "experts")  # noqa: E731
+    experts = ExpertWeights(stack(1, 6, 136, 200), stack(2, 6, 136, 200), stack(3, 6, 200, 136), first=2)
+    x = torch.randn(t, 200).to(k.compute_dtype)
+    weights, ids = r.moe_route(x, dense(torch.randn(12, 200)), None, RouterSpec(top_k=3))
+    close(k.moe_experts(x, weights, ids, experts), r.moe_experts(x, weights, ids, experts), dtype)
+    mats = [k.prepare_weight(checkpoint_weight(*s, dtype=dtype, seed=i), "linear") for i, s in enumerate([(136, 200), (136, 200), (200, 136)])]
+    close(k.dense_mlp(x, *mats), r.dense_mlp(x, *mats), dtype)
+
+
+def test_greedy_sample_is_first_argmax_and_sampling_falls_back():
+    k = CpuBackend("bfloat16")
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, 0.0, 0.0, 5.0]])
+    zero, ones = torch.zeros(2), torch.ones(2)
+    assert k.sample(logits, zero, torch.zeros(2, dtype=torch.int64), ones, torch.rand(2)).tolist() == [1, 0]
+    t = torch.tensor([0.0, 1.0])
+    u = torch.tensor([0.3, 0.99])
+    assert torch.equal(k.sample(logits, t, torch.zeros(2, dtype=torch.int64), ones, u),
+                       Kernels("bfloat16").sample(logits, t, torch.zeros(2, dtype=torch.int64), ones, u))
+
+
+# --- the tiny model ----------------------------------------------------------------------------------------------
+PROMPT = [0, 17, 42, 99, 3, 250, 7, 7, 180, 64, 5]
+
+
+def _logits_with(model: dsv3_rt.Model, kernels: Kernels, ids: list[int]) -> torch.Tensor:
+    """The model's prepared weights run by other kernels (the reference computing on the same values)."""
+    own = model.graph.k
+    model.graph.k = kernels
+    try:
+        return model.logits(ids)
+    finally:
+        model.graph.k = own
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    from hf_models import make_hf_model, save_hf_model
+
+    path = tmp_path_factory.mktemp("hf-v3")
+    save_hf_model(make_hf_model("v3", std=0.05), path)
+    return path
+
+
+@pytest.mark.parametrize("source", ["tiny", "hf"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_matches_reference_on_same_weights(source, dtype, hf_checkpoint):
+    path = "tiny" if source == "tiny" else hf_checkpoint
+    model = dsv3_rt.load(path, backend="cpu", dtype=dtype, progress=False)
+    ids = [i % model.config.vocab_size for i in PROMPT]
+    got = model.logits(ids)
+    want = _logits_with(model, reference_for(model.kernels), ids)
+    tol = 1e-4 if dtype == "float32" else 6e-2
+    # near-tied experts may flip under bf16 rounding: the bulk must agree, and the greedy token everywhere
+    err = (got - want).abs() > tol + tol * want.abs()
+    assert float(err.float().mean()) < 0.05, f"{int(err.sum())} of {err.numel()} logits outside {tol}"
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_equals_prefill_and_batch_equals_single(dtype):
+    model = dsv3_rt.load("tiny", backend="cpu", dtype=dtype, progress=False)
+    g, k = model.graph, model.kernels
+    tol = 1e-4 if dtype == "float32" else 6e-2
+    whole = model.logits(PROMPT)
+    cache = g.new_cache(1, len(PROMPT))
+    steps = [g.logits(g.forward(torch.tensor([t]), AttnBatch.single(1, start=i), cache)) for i, t in enumerate(PROMPT)]
+    torch.testing.assert_close(torch.cat(steps), whole, atol=tol, rtol=tol)
+    prompts = [PROMPT[:7], PROMPT, PROMPT[2:5]]
+    cache = g.new_cache(3, len(PROMPT) + 1)
+    lengths = [len(p) for p in prompts]
+    g.forward(torch.tensor(sum(prompts, [])), AttnBatch.build([0, 1, 2], [0, 0, 0], lengths), cache)
+    decode = g.logits(g.forward(torch.tensor([5, 6, 7]), AttnBatch.build([0, 1, 2], lengths, [1, 1, 1]), cache))
+    alone = torch.stack([model.logits(p + [t])[-1] for p, t in zip(prompts, [5, 6, 7])])
+    torch.testing.assert_close(decode, alone, atol=tol, rtol=tol)
+    assert k.capabilities.dtypes[0] == "int8"
+
+
+def test_quantised_model_no_further_from_fp32_than_reference_quantisation():
+    """Our int4 / int8 logits are no further from the fp32 model than the reference's own quantisers."""
+    fp32 = dsv3_rt.load("tiny", backend="reference", dtype="float32", progress=False).logits(PROMPT)
+    for dtype in ("int8", "int4"):
+        ours = dsv3_rt.load("tiny", backend="cpu", dtype=dtype, progress=False).logits(PROMPT)
+        theirs = dsv3_rt.load("tiny", backend="reference", dtype=dtype, progress=False).logits(PROMPT)
+        assert float((ours - fp32).abs().mean()) <= 1.5 * float((theirs - fp32).abs().mean()) + 1e-3, dtype
+
+
+def test_fp8_checkpoint_loads_per_tensor_without_bf16_copy(tmp_path, hf_checkpoint):
+    """An FP8 checkpoint: dtype fp8 keeps the shipped bytes, int8 converts tensor by tensor."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(hf_checkpoint / "model.safetensors")
+    out = {}
+    for name, t in state.items():
+        if t.dim() == 2 and not any(s in name for s in ("embed_tokens", "lm_head", "mlp.gate.")):
+            out[name], out[name.replace(".weight", ".weight_scale_inv")] = quantize_fp8_block(t.float())
+        else:
+            out[name] = t
+    save_file(out, tmp_path / "model.safetensors")
+    cfg = json.loads((hf_checkpoint / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    fp8 = dsv3_rt.load(tmp_path, backend="cpu", dtype="fp8", progress=False)
+    assert fp8.graph.w.layers[0].attn.o.format == "fp8_e4m3fn"
+    ids = [i % fp8.config.vocab_size for i in PROMPT]
+    ref = dsv3_rt.load(tmp_path, backend="reference", dtype="float32", progress=False).logits(ids)
+    torch.testing.assert_close(fp8.logits(ids), ref, atol=6e-2, rtol=6e-2)
+    int8 = dsv3_rt.load(tmp_path, backend="cpu", dtype="int8", progress=False)
+    assert int8.graph.w.layers[0].attn.o.format == "int8_rowwise"
