@@ -43,6 +43,15 @@ def on_cpu(base: type) -> type:
     return OnCpu
 
 
+def backend_here(cls: type) -> type:
+    """`cls` itself where it is available, on the CPU interpreter on a CPU-only machine, else skip."""
+    if cls.probe().ok:
+        return cls
+    if INTERPRETED:
+        return on_cpu(cls)
+    pytest.skip(f"{cls.name} is not available on this GPU machine: {cls.probe().reason}")
+
+
 def test_capabilities_are_declared_as_the_brief_requires() -> None:
     for cls in (CudaBackend, RocmBackend):
         caps = cls.capabilities
@@ -100,7 +109,7 @@ def test_fnuz_conversion_is_exact_for_every_finite_code() -> None:
 
 
 def test_rocm_prepare_weight_converts_fp8_checkpoints_to_fnuz() -> None:
-    k = (RocmBackend if ROCM_OK else on_cpu(RocmBackend))("fp8", fp8_format="fp8_e4m3fnuz")
+    k = backend_here(RocmBackend)("fp8", fp8_format="fp8_e4m3fnuz")
     w = fp8_weight(*quantize_fp8_block(torch.randn(150, 200) * 0.05))
     w.data.view(torch.uint8)[0, :3] = 0x80  # -0 codes, as a checkpoint may hold them
     p = k.prepare_weight(w, "linear")
@@ -117,8 +126,7 @@ def test_fp8_linear_is_deepseeks_w8a8_gemm(cls: type, dtype: torch.dtype) -> Non
     exactly (so the interpreter's fp8 cast gaps cannot hide or fake anything)."""
     from tests.test_triton_kernels import grid_activations
 
-    available = cls.probe().ok
-    k = (cls if available else on_cpu(cls))("fp8", fp8_format={torch.float8_e4m3fn: "fp8_e4m3fn"}.get(dtype, "fp8_e4m3fnuz"))
+    k = backend_here(cls)("fp8", fp8_format={torch.float8_e4m3fn: "fp8_e4m3fn"}.get(dtype, "fp8_e4m3fnuz"))
     w = k.prepare_weight(fp8_weight(*quantize_fp8_block(torch.randn(130, 300) * 0.05)), "linear")
     x = grid_activations(5, 300, dtype).to(torch.bfloat16)
     got = k.linear(x.to(k.device), w).float().cpu()
@@ -129,7 +137,7 @@ def test_fp8_linear_is_deepseeks_w8a8_gemm(cls: type, dtype: torch.dtype) -> Non
 # --- the conformance suite ----------------------------------------------------------------------------------
 #: On the interpreter each launch costs ~10-100 ms, so the CPU run takes one or two cases per op; fp8 op
 #: cases are left out there because the interpreter's fp32->fp8 cast is wrong on carries (see the kernel
-#: tests); bench/gpu_check.sh runs the whole suite on a GPU.
+#: tests). On a GPU the whole suite runs (bench/gpu_check.sh: `dsv3-rt conformance --backend cuda`).
 CPU_CASES = ("capabilities[declared]", "prepare_weight[", "linear[n300_k200-float32]", "linear[n300_k200-bfloat16]",
              "mla_attention[mixed_starts-float32]", "moe_experts[ep_shard_4_of_12-bfloat16]", "dense_mlp[t40-bfloat16]",
              "model.logits[tiny-bfloat16]")
@@ -141,9 +149,7 @@ def _select(case) -> bool:  # noqa: ANN001
 
 @pytest.mark.parametrize("base", [CudaBackend, RocmBackend], ids=["cuda", "rocm"])
 def test_conformance_suite_passes(base: type) -> None:
-    cls = base if base.probe().ok else on_cpu(base)
-    if GPU and not base.probe().ok:
-        pytest.skip(f"{base.name} is not this GPU's backend: {base.probe().reason}")
+    cls = backend_here(base)
     if INTERPRETED and base is RocmBackend:
         pytest.skip("rocm shares cuda's kernels; on the interpreter the cuda run covers them (fnuz is tested above)")
     records = Suite(cls, device="cpu (Triton interpreter)" if INTERPRETED else None).run(_select)

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from tests.triton_env import DEVICE, INTERPRETED, load_kernels, triton_interpreter  # noqa: F401 - fixture
+from tests.triton_env import DEVICE, FP8_HERE, INTERPRETED, load_kernels, triton_interpreter  # noqa: F401 - fixture
 
 from dsv3_rt.core import mla as core_mla
 from dsv3_rt.core.kernels import ExpertWeights, Kernels
@@ -23,7 +23,7 @@ from dsv3_rt.core.weights import dense, fp8_weight, quantize_fp8_block
 
 K = load_kernels()
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
-FP8 = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
+FP8 = FP8_HERE
 
 
 def deepseek_act_quant(x: torch.Tensor, dtype: torch.dtype, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,9 @@ if importlib.util.find_spec("triton") is None:
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 INTERPRETED = not GPU
+#: FP8 flavours Triton can run here: both in the interpreter, e4m3fn on NVIDIA, e4m3fnuz on ROCm (MI300)
+FP8_HERE = [torch.float8_e4m3fn, torch.float8_e4m3fnuz] if INTERPRETED else \
+    [torch.float8_e4m3fnuz] if torch.version.hip else [torch.float8_e4m3fn]
 _MODULES = ("runtime", "quant", "gemm", "mla", "moe")
 
 
