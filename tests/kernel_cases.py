@@ -151,3 +151,46 @@ def check_sampling(k: Kernels) -> None:
     for seed in range(4):
         u = torch.rand(5, generator=_gen(100 + seed))
         assert torch.equal(k.sample(logits, temperature, top_k, top_p, u), ref.sample(logits, temperature, top_k, top_p, u))
+
+
+# --- suites shared by the backend test files ---------------------------------------------------------------
+PLAIN = (check_norms, check_embedding, check_rope, check_mla, check_moe_route, check_sampling)
+PER_DTYPE = (check_linear, check_dense_mlp, check_moe_experts)
+
+
+def cases(dtypes: tuple[str, ...]) -> list[tuple]:
+    """(check, dtype) pairs: the dtype-free ops once in float32, the matrix ops in every dtype."""
+    return [(f, "float32") for f in PLAIN] + [(f, d) for f in PER_DTYPE for d in dtypes]
+
+
+def run_case(cls: type[Kernels], check, dtype: str, monkeypatch) -> None:  # noqa: ANN001
+    """Run one check on a fresh `cls(dtype)`, failing if any op it declares falls back to the reference."""
+    from dsv3_rt.core.kernels import Kernels as Ref
+
+    def forbid(op: str):  # noqa: ANN202
+        original = getattr(Ref, op)
+
+        def guarded(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if isinstance(self, cls):
+                raise AssertionError(f"{cls.name}.{op} fell back to the reference kernels")
+            return original(self, *args, **kwargs)
+        return guarded
+
+    for op in cls.capabilities.ops:
+        if op != "prepare_weight":  # backends start from the reference weight policy on purpose
+            monkeypatch.setattr(Ref, op, forbid(op))
+    k = cls(dtype=dtype)
+    check(k, dtype) if check in PER_DTYPE else check(k)
+
+
+PROMPTS = ([0] + [(7 * i + 3) % 300 + 2 for i in range(20)], [0, 5, 9, 200, 17])
+
+
+def greedy_agrees(model, ref, n: int = 6, rel: float = 1e-5) -> None:  # noqa: ANN001
+    """Same prefill logits (within `rel`) and the same greedy tokens for two prompts run as one continuous
+    batch (prefills of different lengths, then batched decode steps)."""
+    from dsv3_rt.core.sampling import SamplingParams
+
+    close(model.logits(PROMPTS[0]), ref.logits(PROMPTS[0]), rel)
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+    assert model.generate_batch(list(PROMPTS), params) == ref.generate_batch(list(PROMPTS), params)
