@@ -6,7 +6,8 @@ Weights are model inputs in their stored format (dense, int8 rows, int4 groups, 
 dequantised inside the model, so layers of equal shapes share one compiled model.
 
 Precision: f32 (INFERENCE_PRECISION_HINT f32; OpenVINO would otherwise pick bf16 on CPUs with AVX512-BF16)
-unless the user loads with dtype="bfloat16". Routing and sampling always compile in f32.
+unless the user loads with dtype="bfloat16". Rope (angles of far positions), routing and sampling always
+compile in f32.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ class OpenVinoBackend(Kernels):
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> torch.Tensor:
         d = x.shape[-1]
-        graph = self._graph("rope", self._act, d, attention_factor)
+        graph = self._graph("rope", self._act, d, attention_factor, precise=True)  # angles of far positions need f32
         return graph([self._x(x).reshape(x.shape[0], -1, d), positions.long(), inv_freq.float()])[0].view(x.shape)
 
     def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,

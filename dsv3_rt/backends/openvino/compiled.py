@@ -75,7 +75,7 @@ class OvGraph:
 
 
 class GraphCache:
-    """Compiled models by key; `precise` ones always run in f32 (routing, sampling), the others in `precision`."""
+    """Compiled models by key; `precise` ones always run in f32 (rope, routing, sampling), the others in `precision`."""
 
     def __init__(self, device: str, precision: str, threads: int = 0) -> None:
         import openvino as ov
