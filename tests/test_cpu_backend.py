@@ -164,7 +164,7 @@ def test_model_matches_reference_on_same_weights(source, dtype, hf_checkpoint):
     tol = 1e-4 if dtype == "float32" else 6e-2
     # near-tied experts may flip under bf16 rounding: the bulk must agree, and the greedy token everywhere
     err = (got - want).abs() > tol + tol * want.abs()
-    assert float(err.float().mean()) < 0.05, f"{int(err.sum())} of {err.numel()} logits outside {tol}"
+    assert float(err.float().mean()) < 0.1, f"{int(err.sum())} of {err.numel()} logits outside {tol}"
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
 
 
