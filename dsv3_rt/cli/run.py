@@ -24,6 +24,7 @@ from dsv3_rt.core.kernels import DTYPES
 from dsv3_rt.core.model import Checkpoint, Model, load, open_checkpoint
 from dsv3_rt.core.parallel import Parallel
 from dsv3_rt.core.sampling import SamplingParams
+from dsv3_rt.core.speculative import SpecStats
 from dsv3_rt.core.tokenizer import Tokenizer, load_tokenizer
 
 CHAT_HELP = "/clear forgets the conversation, /exit (or EOF) quits, Ctrl-C stops a reply"
@@ -53,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="--input-file: most sequences in flight (default 8)")
     p.add_argument("--output", type=Path, default=None, help="--input-file: also write JSON lines "
                                                              "(prompt, completion, token counts, finish_reason)")
+    p.add_argument("--mtp", type=int, default=0, metavar="K",
+                   help="speculative decoding: draft K tokens per step with the checkpoint's MTP module (default 0: off)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks: heads, dense FFN and vocabulary split "
                                                        "over local processes (under torchrun: over its ranks)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel ranks: experts split over them (default: --tp)")
@@ -70,12 +73,16 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_tokens: int = 0  # tokens sampled in decode-only steps
+    spec: SpecStats = field(default_factory=SpecStats)  # MTP drafting, summed over the engines used
 
     def step(self, engine: Engine) -> list[tuple[Sequence, int]]:
         prefilling = any(s.cached < len(s.prompt) for s in (*engine.running, *engine.waiting))
         t = time.perf_counter()
+        before = dataclasses.replace(engine.spec)
         out = engine.step()
         dt = time.perf_counter() - t
+        for f in dataclasses.fields(SpecStats):
+            setattr(self.spec, f.name, getattr(self.spec, f.name) + getattr(engine.spec, f.name) - getattr(before, f.name))
         self.generated += len(out)
         if prefilling:
             self.prefill_s += dt
@@ -87,13 +94,19 @@ class Stats:
     def add(self, other: Stats) -> None:
         for f in ("prompt_tokens", "generated", "prefill_s", "decode_s", "decode_tokens"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
+        for f in dataclasses.fields(SpecStats):
+            setattr(self.spec, f.name, getattr(self.spec, f.name) + getattr(other.spec, f.name))
 
     def line(self) -> str:
         def rate(n: int, s: float) -> str:
             return f"{n / s:.1f} tok/s" if s > 0 and n else "n/a"
 
-        return (f"{self.prompt_tokens} prompt tokens, {self.generated} generated; prefill {rate(self.prompt_tokens, self.prefill_s)}, "
+        line = (f"{self.prompt_tokens} prompt tokens, {self.generated} generated; prefill {rate(self.prompt_tokens, self.prefill_s)}, "
                 f"decode {rate(self.decode_tokens, self.decode_s)}")
+        if self.spec.drafted:
+            line += (f"; MTP acceptance {100 * self.spec.acceptance:.1f}% ({self.spec.accepted}/{self.spec.drafted}), "
+                     f"{self.spec.tokens_per_step:.2f} tokens per main-model step")
+        return line
 
 
 @dataclass
@@ -113,7 +126,7 @@ class Session:
     def engine(self, prompts: list[list[int]], max_batch: int = 1) -> Engine:
         """An engine whose cache holds the longest prompt plus its new tokens (capped at the context)."""
         need = max(len(p) for p in prompts) + self.params.max_new_tokens
-        return self.model.engine(max_batch=max_batch, max_len=min(need, self.context))
+        return self.model.engine(max_batch=max_batch, max_len=min(need, self.context), mtp=self.args.mtp)
 
     def prompt_ids(self, text: str) -> list[int]:
         assert self.tokenizer is not None  # main() checked
@@ -229,6 +242,8 @@ def main(args: argparse.Namespace, parallel: Parallel | None = None) -> int:
             raise RequestError("--interactive runs in one process; drop --tp/--ep")
         return distributed.run_parallel(args.argv, args.tp, args.ep, args.backend, lambda par: main(args, par))
     params = _sampling_params(args)  # bad values fail before any loading
+    if args.mtp < 0:
+        raise RequestError(f"--mtp must be >= 0, got {args.mtp}")
     if args.max_batch < 1:
         raise RequestError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.interactive and args.no_chat:
@@ -276,7 +291,7 @@ def _open_model(name: str | None) -> tuple[str, Checkpoint]:
             raise CheckpointError("no --model given and no default model is installed "
                                   "(dsv3_rt/core/default_model.py); pass --model PATH or a preset name") from None
         name = str(default_model.DEFAULT_MODEL_DIR)
-        about = getattr(default_model, "DESCRIPTION", None)
+        about = default_model.describe()
         print(f"dsv3-rt: no --model: using the embedded default model{f' ({about})' if about else ''} at {name}", file=sys.stderr)
     ckpt = open_checkpoint(name)
     print(f"dsv3-rt: model: {ckpt.description}", file=sys.stderr)
