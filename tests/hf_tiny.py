@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-DEEPSEEK_V3_DATA = Path("/work/shared/data/deepseek-v3")
+#: ../shared/data/deepseek-v3 beside the repository (as on a developer machine and in CI)
+DEEPSEEK_V3_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepseek-v3"
 DEEPSEEK_V3_TOKENIZER_CONFIG = DEEPSEEK_V3_DATA / "tokenizer_config.json"
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"

@@ -7,20 +7,18 @@ import shutil
 import pytest
 import torch
 from hf_models import make_hf_model, save_hf_model
+from hf_tiny import DEEPSEEK_V3_DATA
 from safetensors.torch import load_file, save_file
 
 import dsv3_rt
 from dsv3_rt.core.config import ModelConfig, list_presets
 from dsv3_rt.core.errors import CheckpointError, ConfigError
 
-REAL = "/work/shared/data/deepseek-v3/config.json"
+REAL = DEEPSEEK_V3_DATA / "config.json"
 
 
 def test_real_deepseek_v3_config():
-    import os
-
-    path = REAL if os.path.exists(REAL) else os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "deepseek-v3", "config.json")
-    cfg = ModelConfig.from_json(path)
+    cfg = ModelConfig.from_json(REAL)
     assert (cfg.num_hidden_layers, cfg.n_routed_experts, cfg.fp8_block_size) == (61, 256, (128, 128))
     assert cfg.softmax_scale == pytest.approx(0.1352338, abs=1e-7)  # 192^-0.5 * (1 + 0.1 ln 40)^2
     assert cfg == ModelConfig.from_preset("deepseek-v3").replace(name=cfg.name)
