@@ -18,7 +18,7 @@ from safetensors import safe_open
 from dsv3_rt.cli import main as cli_main
 from dsv3_rt.core import distributed as D
 from dsv3_rt.core.distcheck import PROMPT, compare
-from dsv3_rt.core.errors import ConfigError
+from dsv3_rt.core.errors import CheckpointError, ConfigError
 from dsv3_rt.core.model import load, load_checkpoint, open_checkpoint
 from dsv3_rt.core.parallel import Parallel
 from dsv3_rt.core.shard import MANIFEST, SLICES_KEY
@@ -203,3 +203,21 @@ def test_ctrl_c_stops_every_rank(tokenizer_ckpt):
     print(f"Ctrl-C: launcher and ranks gone {elapsed:.1f}s after SIGINT")
     assert code == 130, err
     assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks)
+
+
+def test_a_rank_needs_only_its_own_shard_file(hf_ckpt, sharded, tmp_path):
+    """Multi-node runs may copy each machine only its ranks' files: rank 0 loads from model0-mp2 alone."""
+    import shutil
+
+    from dsv3_rt.core.kernels import Kernels
+    from dsv3_rt.core.loader import WeightBuilder
+
+    only0 = tmp_path / "only-rank0"
+    shutil.copytree(sharded, only0, ignore=shutil.ignore_patterns("model1-mp2.safetensors"))
+    ckpt = open_checkpoint(only0)
+    par = Parallel(tp_rank=0, tp_size=2, ep_rank=0, ep_size=2, world_size=2)
+    ckpt.source.prefer(par)
+    w = WeightBuilder(ckpt.config, ckpt.source, Kernels(), par).build(progress=False)
+    assert w.layers[2].ffn.experts.first == 0 and w.layers[2].ffn.experts.count == 6
+    with pytest.raises(CheckpointError, match="not on this machine: model1-mp2.safetensors"):
+        load(only0, backend="reference", dtype="float32", progress=False)

@@ -133,7 +133,8 @@ def init_from_env(tp: int | None = None, ep: int | None = None, backend: str = "
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+        # env:// reads MASTER_ADDR/PORT; under torchrun it joins the agent's store instead of binding the port again
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s(ENV_LOAD_TIMEOUT, DEFAULT_LOAD_TIMEOUT_S)))
         return make_parallel(tp, ep)
     except (RuntimeError, ValueError) as e:
@@ -183,6 +184,8 @@ def start_ranks(cmd: list[str], world: int, env: dict[str, str] | None = None, l
     logs: a folder for the stderr of ranks 1.. (rank{r}.log), so only rank 0 talks to the terminal."""
     base = {**os.environ, **(env or {}), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    # as torchrun does: ranks sharing a machine split its cores (oversubscribed ranks stall each collective)
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     procs = []
     for r in range(world):
         err = open(logs / f"rank{r}.log", "wb") if logs is not None and r > 0 else None  # noqa: SIM115

@@ -171,15 +171,22 @@ class ShardedSource:
         own = parallel.tp_rank if parallel.tp_size == self.mp else parallel.ep_rank if parallel.ep_size == self.mp else 0
         self.order = [own] + [i for i in range(len(self.files)) if i != own]
 
-    def _file(self, i: int) -> _FileSource:
+    def _file(self, i: int) -> _FileSource | None:
+        """File i, or None when it is not on this machine (a multi-node run may copy each node only its own)."""
         if i not in self._open:
-            self._open[i] = _FileSource(self.path / self.files[i], self.block)
+            path = self.path / self.files[i]
+            self._open[i] = _FileSource(path, self.block) if path.is_file() else None
         return self._open[i]
+
+    def _missing(self, name: str) -> CheckpointError:
+        absent = [self.files[i] for i in self.order if self._open.get(i) is None]
+        hint = f" (not on this machine: {', '.join(absent)})" if absent else ""
+        return CheckpointError(f"{self.path}: tensor {name} is missing{hint}")
 
     def _holders(self, name: str):  # noqa: ANN202 - yields (file, rows, cols) in preference order
         for i in self.order:
             f = self._file(i)
-            if f.has(name):
+            if f is not None and f.has(name):
                 rows, cols = f.slices.get(name, (None, None))
                 yield f, rows, cols
 
@@ -189,7 +196,7 @@ class ShardedSource:
     def vector(self, name: str) -> torch.Tensor:
         for f, _, _ in self._holders(name):
             return f.vector(name)
-        raise CheckpointError(f"{self.path}: tensor {name} is missing")
+        raise self._missing(name)
 
     def weight(self, name: str, rows: Range | None = None, cols: Range | None = None) -> Weight:
         pieces = []
@@ -198,13 +205,15 @@ class ShardedSource:
                 return f.weight(name, _local(rows, r), _local(cols, c))
             pieces.append((f, r, c))
         if not pieces:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing")
+            raise self._missing(name)
         return self._stitch(name, pieces, rows, cols)
 
     def _stitch(self, name: str, pieces: list[tuple[_FileSource, Any, Any]], rows: Range | None, cols: Range | None) -> Weight:
         """Concatenate the slices of several files along the dimension they split (dequantised)."""
         dim = 0 if pieces[0][1] is not None else 1
         spans = sorted(((p[1 + dim][0], p[1 + dim][1], p) for p in pieces), key=lambda s: s[0])
+        if (rows, cols)[dim] is None and any(self._file(i) is None for i in range(len(self.files))):
+            raise self._missing(name)  # the whole tensor's extent is only known with every file present
         want = (rows, cols)[dim] or (0, spans[-1][1])
         parts, at = [], want[0]
         for start, end, (f, r, c) in spans:
@@ -223,7 +232,7 @@ class ShardedSource:
             parts.append(f.weight(name, req[0], req[1]))
             at = hi
         if at != want[1]:
-            raise CheckpointError(f"{self.path}: the shards do not hold {name}[{want[0]}:{want[1]}] along dim {dim}")
+            raise self._missing(f"{name}[{want[0]}:{want[1]}] along dim {dim}")
         dtype = torch.float32 if any(p.format == "f32" for p in parts) else torch.bfloat16
         return dense(torch.cat([p.dequantize(dtype) for p in parts], dim=dim).contiguous())
 
