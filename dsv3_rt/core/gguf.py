@@ -101,6 +101,15 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, TensorInfo], p
     gating = m.int("expert_gating_func", GATING_SOFTMAX)  # absent: softmax, as llama.cpp does for old V2 files
     if gating not in (GATING_SOFTMAX, GATING_SIGMOID):
         raise CheckpointError(f"{path}: {ARCH}.expert_gating_func {gating} is not supported (1 softmax, 2 sigmoid)")
+    # metadata sizes every tensor, so no value can exceed the file's largest dimension (or the layer count
+    # its tensor count): checked first, so corrupt values fail here instead of driving huge loops later
+    largest = max((max(t.ne) for t in tensors.values()), default=0)
+    sizes = {"block_count": n_all, "embedding_length": D, "attention.head_count": H, "vocab_size": vocab,
+             "rope.dimension_count": rope_dim, "attention.kv_lora_rank": kv_lora, "expert_count": n_experts,
+             "key_length": qk_dim, "value_length": v_dim}
+    for key, value in sizes.items():
+        if not 0 <= value <= (len(tensors) if key == "block_count" else largest):
+            raise CheckpointError(f"{path}: {ARCH}.{key} = {value} does not fit the file's {len(tensors)} tensors")
     bos = m.int("tokenizer.ggml.bos_token_id", 0)
     eos = m.int("tokenizer.ggml.eos_token_id", 1)
     try:

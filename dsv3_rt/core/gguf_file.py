@@ -147,6 +147,7 @@ class GGUFFile:
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise CheckpointError(f"{self.path}: general.alignment must be a power of two, got {align!r}")
         data_start = -(-cur.pos // align) * align
+        self.data_start = data_start  # where tensor data begin (everything before is header)
         self.tensors: dict[str, TensorInfo] = {}
         for name, ggml_type, ne, offset in infos:
             if name in self.tensors:
