@@ -221,3 +221,33 @@ def test_a_rank_needs_only_its_own_shard_file(hf_ckpt, sharded, tmp_path):
     assert w.layers[2].ffn.experts.first == 0 and w.layers[2].ffn.experts.count == 6
     with pytest.raises(CheckpointError, match="not on this machine: model1-mp2.safetensors"):
         load(only0, backend="reference", dtype="float32", progress=False)
+
+
+def test_fp8_shards_serve_what_the_fp8_checkpoint_serves(tmp_path):
+    """Slices on 128-block edges stay FP8 with their scales; others are the dequantised slice; either way each
+    rank reads from its shard exactly what it would read from the original FP8 checkpoint."""
+    from test_fp8 import write_fp8_checkpoint
+
+    from dsv3_rt.core.checkpoint import SafetensorsSource
+
+    # dense FFN 256 wide: tp halves of 128 columns fall on block edges; q_b halves of 40 rows do not
+    hf = make_hf_model("v3", hidden_size=136, intermediate_size=256, moe_intermediate_size=40, num_hidden_layers=2,
+                       first_k_dense_replace=1, **SPLITTABLE)
+    src = tmp_path / "fp8"
+    write_fp8_checkpoint(hf, src)
+    dst = tmp_path / "mp2"
+    assert cli_main(["convert", "--shard", "2", str(src), str(dst)]) == 0
+    orig, shards = SafetensorsSource(src), open_checkpoint(dst).source
+    for rank in (0, 1):
+        with safe_open(str(dst / f"model{rank}-mp2.safetensors"), "pt") as f:
+            slices = json.loads(f.metadata()[SLICES_KEY])
+            assert f.get_slice("model.layers.0.mlp.gate_proj.weight").get_dtype() == "F8_E4M3"
+            assert "model.layers.0.mlp.gate_proj.weight_scale_inv" in set(f.keys())
+            assert "model.layers.0.self_attn.q_b_proj.weight_scale_inv" not in set(f.keys())
+            names = [n for n in f.keys() if not n.endswith("_scale_inv") and f.get_slice(n).get_shape().__len__() == 2]
+        for name in names:
+            rows, cols = slices.get(name, (None, None))
+            want = orig.weight(name, rows and tuple(rows), cols and tuple(cols))
+            got = shards.weight(name, rows and tuple(rows), cols and tuple(cols))
+            assert got.format == want.format, name
+            assert torch.equal(got.dequantize(), want.dequantize()), name
