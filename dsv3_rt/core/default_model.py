@@ -17,3 +17,24 @@ def describe() -> str:
     millions = quality["params"] / 1e6
     return (f"embedded tiny DeepSeek-V3 ({millions:.1f}M params, MLA+MoE+MTP) trained on Python's standard library; "
             "writes Python-looking code")
+
+
+# Function headers whose greedy continuations tools/tiny_export.py scores and tests/test_default_model.py checks.
+GENERATION_HEADERS = ("def fibonacci(n):", "def read_file(path):", "class Stack:", "def is_prime(n):", "def main():",
+                      "class Point:")
+
+
+def continuation_compiles(header: str, continuation: str) -> bool:
+    """Whether header + continuation, cut at its last complete line (trailing block openers without a body
+    dropped), compiles and adds at least one line to the header."""
+    text = header + "\n" + continuation
+    lines = text[: text.rfind("\n")].split("\n")
+    while lines and (not lines[-1].strip() or lines[-1].rstrip().endswith(":")):
+        lines.pop()
+    if len(lines) < 2:
+        return False
+    try:
+        compile("\n".join(lines) + "\n", "<generated>", "exec")
+    except SyntaxError:
+        return False
+    return True
