@@ -16,6 +16,8 @@ import torch
 
 from dsv3_rt.conformance.cases import OpCase, op_cases, prepare, to_cpu
 from dsv3_rt.conformance.model_cases import ModelCase, load_model, model_cases, reference_twin
+from dsv3_rt.conformance.distributed import distributed_cases
+from dsv3_rt.conformance.quality import quality_cases
 from dsv3_rt.conformance.tolerances import (MODEL_TOLERANCES, OP_TOLERANCES, QUANT_TOLERANCES, Comparison, Tolerance,
                                             compare, matches, tolerance_for)
 from dsv3_rt.core.kernels import API_VERSION, DTYPES, OPS, Availability, Kernels, fallback_ops, overridden_ops
@@ -67,7 +69,7 @@ class Record:
 
 def all_cases() -> list[Case]:
     """Every case of the suite, in a fixed order: the declarations, the ops, then the tiny model."""
-    return [CapabilitiesCase(), *op_cases(), *model_cases()]
+    return [CapabilitiesCase(), *op_cases(), *model_cases(), *quality_cases(), *distributed_cases()]
 
 
 class Suite:

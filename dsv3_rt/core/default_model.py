@@ -6,7 +6,15 @@ checkpoint format (FP8 e4m3 block-scaled linears), so loading it exercises the s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from dsv3_rt.core.model import Model
+    from dsv3_rt.core.tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "default_model"
 
@@ -38,3 +46,25 @@ def continuation_compiles(header: str, continuation: str) -> bool:
     except SyntaxError:
         return False
     return True
+
+
+def heldout_windows(tokenizer: Tokenizer, limit: int | None = None) -> list[list[int]]:
+    """The shipped held-out sample (heldout_sample.json: whole stdlib files never trained on) as the token
+    windows quality.json's "sample" perplexity was measured on: BOS + file + EOS per file, cut in place."""
+    sample = json.loads((DEFAULT_MODEL_DIR / "heldout_sample.json").read_text())
+    stream: list[int] = []
+    for f in sample["files"]:
+        stream += tokenizer.encode(f["text"], add_bos=True) + [tokenizer.eos_id]
+    n = sample["eval_len"]
+    windows = [stream[i * n:(i + 1) * n] for i in range(len(stream) // n)][: sample["windows"]]
+    return windows[:limit]
+
+
+def perplexity(model: Model, windows: list[list[int]]) -> float:
+    """exp(mean next-token NLL) over the windows, each scored from a fresh cache (position 0 is context)."""
+    nll, n = 0.0, 0
+    for w in windows:
+        logits = model.logits(w)
+        nll += float(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(w[1:]), reduction="sum"))
+        n += len(w) - 1
+    return math.exp(nll / n)

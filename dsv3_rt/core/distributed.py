@@ -109,11 +109,14 @@ def make_parallel(tp: int, ep: int) -> Parallel:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_from_env(tp: int | None = None, ep: int | None = None, backend: str = "gloo", quiet: bool = True) -> Parallel:
+def init_from_env(tp: int | None = None, ep: int | None = None, backend: str = "gloo", quiet: bool = True,
+                  bind_device: Callable[[int], None] | None = None) -> Parallel:
     """Join the run described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (set by torchrun or by our
     launchers) and return this rank's Parallel; SINGLE when WORLD_SIZE is unset or 1.
 
     quiet: ranks other than 0 send stdout to /dev/null (only rank 0 prints; errors still reach stderr).
+    bind_device: the kernels backend's `bind_local_device`, called with LOCAL_RANK before joining (a GPU
+    backend picks its device there, so each rank's collectives use its own accelerator).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp, ep, _ = resolve_layout(tp, ep, world)
@@ -125,10 +128,8 @@ def init_from_env(tp: int | None = None, ep: int | None = None, backend: str = "
     if missing:
         raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; start ranks with torchrun or dsv3-rt run --tp N")
     rank = int(os.environ["RANK"])
-    if backend == "nccl":
-        import torch
-
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if bind_device is not None:
+        bind_device(int(os.environ.get("LOCAL_RANK", "0")))
     if quiet and rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
@@ -278,7 +279,10 @@ def run_parallel(argv: list[str], tp: int | None, ep: int | None, kernels_backen
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         resolve_layout(tp, ep, 1)
         return body(SINGLE)
-    par = init_from_env(tp, ep, backend_for(kernels_backend))
+    from dsv3_rt.core.plugins import select_backend
+
+    cls = select_backend(kernels_backend)
+    par = init_from_env(tp, ep, cls.capabilities.distributed_backend, bind_device=cls.bind_local_device)
     with collective_errors(par):
         code = body(par)
     shutdown()

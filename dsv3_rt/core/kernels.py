@@ -125,6 +125,11 @@ class Kernels:
         return Availability(True, "pure torch, runs anywhere torch does")
 
     @classmethod
+    def bind_local_device(cls, local_rank: int) -> None:
+        """In a multi-process run, make this process use accelerator `local_rank` (before joining the process
+        group). Host-memory backends have nothing to bind."""
+
+    @classmethod
     def device_name(cls) -> str:
         return "torch CPU"
 

@@ -71,6 +71,12 @@ class AscendBackend(Kernels):
     def device_name(cls) -> str:
         return torch.npu.get_device_name(0)  # type: ignore[attr-defined]
 
+    @classmethod
+    def bind_local_device(cls, local_rank: int) -> None:
+        """One NPU per rank; HCCL uses the current device."""
+        import_torch_npu()
+        torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
+
     def __init__(self, dtype: str = "bfloat16", device: str | torch.device | None = None, **options: Any) -> None:
         if device is None or str(device).startswith("npu"):
             import_torch_npu()  # registers the "npu" device type with torch

@@ -68,6 +68,11 @@ class TritonBackend(Kernels):
         """Activations in bf16 for every weight format but float32 (as DeepSeek runs on accelerators)."""
         return torch.float32 if dtype == "float32" else torch.bfloat16
 
+    @classmethod
+    def bind_local_device(cls, local_rank: int) -> None:
+        """One GPU per rank (torch's HIP build answers to torch.cuda too); NCCL/RCCL use the current device."""
+        torch.cuda.set_device(local_rank)
+
     # --- hooks for subclasses -------------------------------------------------------------------------------
     @classmethod
     def default_fp8_format(cls, device: torch.device) -> str:
