@@ -1,0 +1,234 @@
+"""MTP speculative-decoding benchmark: batch-1 greedy decode with and without DeepSeek-V3's MTP drafts.
+
+Not a test. On the embedded default model (a trained tiny DeepSeek-V3 with an MTP module), for each runtime
+dtype of the cpu backend: decode a fixed number of tokens (EOS ignored) after each of several Python-code
+prompts with plain greedy decoding and with `mtp=k` (k = 1, 2, 3), after a warm-up, and report the median
+over several runs of decode tokens/s (the prefill step excluded), the speedup over plain decoding measured in
+the same run, the draft acceptance rate, mean tokens per main-model step, and whether every output equals
+plain greedy decoding token for token. One more run per setting is profiled (main forward, MTP drafting, the
+rest of the step) to show where the time goes. Targets: >= 1.4x at k = 1 and acceptance >= 60% on the dtype
+whose plain decoding is fastest. Writes bench/results/mtp-<date>.json.
+
+    python bench/bench_mtp.py            # 64 new tokens, 6 prompts, 3 runs, dtypes float32 bfloat16 int8
+    python bench/bench_mtp.py --quick    # 32 new tokens, 4 prompts, 2 runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+THREADS = 2
+KS = (1, 2, 3)
+TARGET_SPEEDUP, TARGET_ACCEPTANCE = 1.4, 0.60
+PROMPTS = [
+    "def parse_args(argv):\n",
+    "def read_lines(path):\n    with open(path) as f:\n",
+    "class Config:\n    def __init__(self, path, strict=False):\n",
+    "def is_prime(n):\n    if n < 2:\n",
+    "import os\n\n\ndef walk_tree(root):\n",
+    "def merge_dicts(a, b):\n    result = dict(a)\n",
+]
+
+
+class StepProfile:
+    """Seconds spent per decode step in the main forward, the MTP drafting (forward + head + draw) and the rest."""
+
+    def __init__(self, engine) -> None:  # noqa: ANN001
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        graph = engine.graph
+        engine.graph.forward = self._timed("main forward", graph.forward)  # instance attributes shadow the methods
+        engine.graph.mtp = self._timed("mtp forward", graph.mtp)
+        engine._draft = self._timed("mtp drafting", engine._draft)
+        self.graph = graph
+
+    def _timed(self, name: str, fn):  # noqa: ANN001, ANN202
+        def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+        return wrapper
+
+    def restore(self) -> None:
+        for name in ("forward", "mtp"):
+            self.graph.__dict__.pop(name, None)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+
+def decode(model, ids: list[int], k: int, n: int, profile: bool = False) -> dict:  # noqa: ANN001
+    """Greedy decode of n tokens at batch 1; the first step (prefill + first token) is not timed."""
+    import torch
+
+    from dsv3_rt.core.sampling import SamplingParams
+
+    engine = model.engine(max_batch=1, max_len=len(ids) + n + k + 2, mtp=k)
+    prof = StepProfile(engine) if profile else None
+    seq = engine.submit(ids, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    with torch.inference_mode():
+        engine.step()
+        if prof:
+            prof.reset()
+        t0, steps = time.perf_counter(), 0
+        while engine.has_work:
+            engine.step()
+            steps += 1
+        seconds = time.perf_counter() - t0
+    if prof:
+        prof.restore()
+    spec = engine.spec
+    return {"tokens": list(seq.generated), "decoded": len(seq.generated) - 1, "seconds": seconds, "steps": steps,
+            "drafted": spec.drafted, "accepted": spec.accepted, "profile": dict(prof.seconds) if prof else None}
+
+
+def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int]], n: int, runs: int) -> dict:
+    import torch
+
+    import dsv3_rt
+
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    model = dsv3_rt.load(model_dir, backend=backend, dtype=dtype, progress=False)
+    load_s = time.perf_counter() - t0
+    settings = {}
+    for k in (0, *KS):
+        decode(model, prompts[0], k, n)  # warm-up
+        run_rates, outs, drafted, accepted, steps, decoded = [], None, 0, 0, 0, 0
+        for _ in range(runs):
+            results = [decode(model, p, k, n) for p in prompts]
+            run_rates.append(sum(r["decoded"] for r in results) / sum(r["seconds"] for r in results))
+            outs = outs or [r["tokens"] for r in results]
+            drafted += sum(r["drafted"] for r in results)
+            accepted += sum(r["accepted"] for r in results)
+            steps += sum(r["steps"] for r in results)
+            decoded += sum(r["decoded"] for r in results)
+        prof = [decode(model, p, k, n, profile=True) for p in prompts]
+        prof_steps = sum(r["steps"] for r in prof)
+        per_step_ms = {name: 1e3 * sum(r["profile"].get(name, 0.0) for r in prof) / prof_steps
+                       for name in ("main forward", "mtp drafting", "mtp forward")}
+        per_step_ms["step"] = 1e3 * sum(r["seconds"] for r in prof) / prof_steps
+        per_step_ms["rest"] = per_step_ms["step"] - per_step_ms["main forward"] - per_step_ms["mtp drafting"]
+        print(f"  {dtype} k={k}: {statistics.median(run_rates):.1f} tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
+        settings[k] = {"tok_s": statistics.median(run_rates), "runs_tok_s": run_rates,
+                       "acceptance": accepted / drafted if drafted else None,
+                       "tokens_per_step": decoded / steps, "outputs": outs, "per_step_ms": per_step_ms}
+    plain = settings[0]
+    for k, s in settings.items():
+        s["speedup"] = s["tok_s"] / plain["tok_s"]
+        s["identical_prompts"] = sum(a == b for a, b in zip(s["outputs"], plain["outputs"]))
+    return {"backend": backend, "dtype": dtype, "kernels": model.kernels.name, "load_s": load_s, "settings": settings}
+
+
+def print_dtype(res: dict, n_prompts: int) -> None:
+    print(f"\n{res['backend']} {res['dtype']}:")
+    head = (f"  {'mtp k':>5} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'tok/step':>8} {'same as greedy':>14}"
+            f"   per step ms: {'total':>6} {'main fwd':>8} {'mtp draft':>9} {'(mtp fwd)':>9} {'rest':>6}")
+    print(head)
+    for k, s in res["settings"].items():
+        ms = s["per_step_ms"]
+        acc = f"{100 * s['acceptance']:6.1f}%" if s["acceptance"] is not None else f"{'-':>7}"
+        print(f"  {k if k else 'off':>5} {s['tok_s']:8.1f} {s['speedup']:7.2f}x {acc} {s['tokens_per_step']:8.2f} "
+              f"{s['identical_prompts']:>9}/{n_prompts:<4}   {'':>13}{ms['step']:6.2f} {ms['main forward']:8.2f} "
+              f"{ms['mtp drafting']:9.2f} {ms['mtp forward']:9.2f} {ms['rest']:6.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, 4 prompts, 2 runs")
+    ap.add_argument("--model", default=None, help="checkpoint with an MTP module (default: the embedded default model)")
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8", help="comma-separated runtime dtypes to try")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/mtp[-quick]-<date>.json)")
+    args = ap.parse_args()
+
+    from dsv3_rt.core.model import open_checkpoint
+    from dsv3_rt.core.tokenizer import load_tokenizer
+
+    if args.model is None:
+        from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
+
+        args.model = str(DEFAULT_MODEL_DIR)
+    ckpt = open_checkpoint(args.model)
+    if ckpt.config.num_nextn_predict_layers < 1:
+        print(f"{args.model} has no MTP module", file=sys.stderr)
+        return 1
+    tok = load_tokenizer(ckpt)
+    texts = PROMPTS[:4] if args.quick else PROMPTS
+    prompts = [tok.encode(t, add_bos=True) for t in texts]
+    n = args.max_new_tokens or (32 if args.quick else 64)
+    runs = args.runs or (2 if args.quick else 3)
+    quality = Path(args.model) / "quality.json"
+    about = json.loads(quality.read_text()) if quality.is_file() else {}
+    load_before = os.getloadavg()
+    t_start = time.time()
+    print(f"bench_mtp: {args.model} ({about.get('params', 0) / 1e6:.1f}M params, {about.get('steps')} training steps); "
+          f"{len(prompts)} prompts, {n} new tokens each (EOS ignored), greedy, batch 1, {THREADS} threads, "
+          f"median of {runs} runs after warm-up")
+    print(f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
+
+    results = []
+    for dtype in args.dtypes.split(","):
+        try:
+            res = bench_dtype(args.model, args.backend, dtype, prompts, n, runs)
+        except Exception as e:  # noqa: BLE001 - a dtype the backend refuses is reported, not fatal
+            print(f"\n{args.backend} {dtype}: unavailable ({type(e).__name__}: {e})")
+            results.append({"backend": args.backend, "dtype": dtype, "error": str(e)})
+            continue
+        results.append(res)
+        print_dtype(res, len(prompts))
+        print(f"  (load average {os.getloadavg()[0]:.2f})", flush=True)
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return 1
+    fastest = max(ok, key=lambda r: r["settings"][0]["tok_s"])
+    k1 = fastest["settings"][1]
+    verdict = "PASS" if k1["speedup"] >= TARGET_SPEEDUP and k1["acceptance"] >= TARGET_ACCEPTANCE else "FAIL"
+    ms0, ms1 = fastest["settings"][0]["per_step_ms"], k1["per_step_ms"]
+    print(f"\nfastest plain decoding: {fastest['backend']} {fastest['dtype']} ({fastest['settings'][0]['tok_s']:.1f} tok/s)")
+    print(f"  k = 1: speedup {k1['speedup']:.2f}x (target >= {TARGET_SPEEDUP}x), acceptance {100 * k1['acceptance']:.1f}% "
+          f"(target >= {100 * TARGET_ACCEPTANCE:.0f}%): {verdict}")
+    print(f"  a k = 1 step costs {ms1['step'] / ms0['step']:.2f}x a plain step ({ms1['step']:.2f} vs {ms0['step']:.2f} ms) "
+          f"and yields {k1['tokens_per_step']:.2f} tokens: main forward over 2 tokens {ms1['main forward']:.2f} ms "
+          f"(1 token: {ms0['main forward']:.2f} ms), MTP drafting {ms1['mtp drafting']:.2f} ms of which the MTP "
+          f"forward {ms1['mtp forward']:.2f} ms = {ms1['mtp forward'] / ms0['main forward']:.2f}x the main forward; "
+          f"break-even at this cost needs {ms1['step'] / ms0['step']:.2f} tokens per step")
+    best = max(((r, k) for r in ok for k in KS), key=lambda rk: rk[0]["settings"][rk[1]]["speedup"])
+    print(f"  best setting: {best[0]['dtype']} k = {best[1]}, {best[0]['settings'][best[1]]['speedup']:.2f}x")
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); {time.time() - t_start:.0f} s in all")
+
+    for r in ok:  # token ids are kept for the first prompt only
+        for s in r["settings"].values():
+            s["outputs"] = s["outputs"][:1]
+    result = {"benchmark": "mtp", "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_avg_before": load_before, "load_avg_after": load_after},
+              "model": {"path": args.model, "params": about.get("params"), "steps": about.get("steps"),
+                        "mtp_top1_accuracy": about.get("mtp_top1_accuracy")},
+              "prompts": texts, "max_new_tokens": n, "runs": runs, "threads": THREADS, "results": results,
+              "fastest": f"{fastest['backend']}:{fastest['dtype']}", "targets": {"speedup_k1": TARGET_SPEEDUP,
+                                                                                  "acceptance": TARGET_ACCEPTANCE},
+              "verdict": verdict, "seconds": time.time() - t_start}
+    out = Path(args.out) if args.out else RESULTS / f"mtp{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
