@@ -151,7 +151,7 @@ def test_cast_fp8_to_bf16(fp8_pair, tmp_path):
     want = dequantise_blockwise(src[name], src[name.replace(".weight", ".weight_scale_inv")]).to(torch.bfloat16)
     assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want)
     ours = dsv3_rt.load(out, backend="reference", dtype="float32", progress=False)
-    assert (hf_logits(hf, PROMPT) - ours.logits(PROMPT)).abs().max().item() < 0.05  # only bf16 rounding apart
+    assert (hf_logits(hf, PROMPT) - ours.logits(PROMPT)).abs().max().item() < 0.1  # only bf16 weight rounding apart
 
 
 def test_convert_command_to_bf16(fp8_pair, tmp_path, capsys):

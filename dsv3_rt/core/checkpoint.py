@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import struct
 from pathlib import Path
 from typing import Protocol
 
@@ -31,16 +33,65 @@ class TensorSource(Protocol):
         """A small tensor (norm weight, bias) as stored."""
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One .safetensors file, read with positioned reads rather than a memory map: a tensor's bytes are read
+    once into its own buffer, so pages of the file never pile up in the process (peak memory stays at the
+    weights plus one tensor, not the weights plus the file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+            size = os.fstat(self.fd).st_size
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (OSError, ValueError, struct.error) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            dtype = _ST_DTYPES.get(e.get("dtype"))
+            begin, end = e["data_offsets"]
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e.get('dtype')}")
+            shape = tuple(e["shape"])
+            if end - begin != math.prod(shape) * dtype.itemsize or self.base + end > size:
+                raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} {e['dtype']} (file truncated or corrupt)")
+            self.entries[name] = (dtype, shape, self.base + begin, self.base + end)
+
+    def read(self, name: str, rows: Range | None = None) -> torch.Tensor:
+        """The tensor, or only rows [start, end) of its first dimension (one contiguous read)."""
+        dtype, shape, begin, end = self.entries[name]
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        buf = bytearray(end - begin)
+        view, done = memoryview(buf), 0
+        while done < len(buf):  # pread may return short reads on large ranges
+            got = os.preadv(self.fd, [view[done:]], begin + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: unexpected end of file reading {name}")
+            done += got
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+
+
 class SafetensorsSource:
     """A checkpoint directory: config.json plus model.safetensors or sharded files with an index.
 
-    Files are memory-mapped; a tensor is read only when asked for. FP8 weights come with their
+    A tensor is read only when asked for, and only the rows asked for. FP8 weights come with their
     `weight_scale_inv` and are returned as fp8 `Weight`s (sliced along whole 128-blocks when possible).
     """
 
     def __init__(self, path: str | Path, fp8_block: tuple[int, int] | None = FP8_BLOCK) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         self.block = fp8_block or FP8_BLOCK
         index = self.path / "model.safetensors.index.json"
@@ -49,26 +100,17 @@ class SafetensorsSource:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            if missing:
+                raise CheckpointError(f"{self.path}: missing shard(s) named in the index: {', '.join(missing)}")
+            self._files = {f: SafetensorsFile(self.path / f) for f in sorted(set(weight_map.values()))}
         else:
-            files = sorted(self.path.glob("*.safetensors"))
-            if not files:
+            paths = sorted(self.path.glob("*.safetensors"))
+            if not paths:
                 raise CheckpointError(f"{self.path}: no model.safetensors, *.safetensors files or model.safetensors.index.json")
-            weight_map = {}
-            for f in files:
-                for name in self._open(f, safe_open).keys():
-                    weight_map[name] = f.name
-        missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
-        if missing:
-            raise CheckpointError(f"{self.path}: missing shard(s) named in the index: {', '.join(missing)}")
+            self._files = {p.name: SafetensorsFile(p) for p in paths}
+            weight_map = {name: f for f, st in self._files.items() for name in st.entries}
         self._map: dict[str, str] = weight_map
-        self._files = {f: self._open(self.path / f, safe_open) for f in sorted(set(weight_map.values()))}
-
-    @staticmethod
-    def _open(path: Path, safe_open):  # noqa: ANN001, ANN205
-        try:
-            return safe_open(str(path), framework="pt")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
     def names(self) -> list[str]:
         return list(self._map)
@@ -76,22 +118,18 @@ class SafetensorsSource:
     def has(self, name: str) -> bool:
         return name in self._map
 
-    def _slice(self, name: str):  # noqa: ANN202
-        if name not in self._map:
+    def _entry(self, name: str) -> SafetensorsFile:
+        st = self._files.get(self._map.get(name, ""))
+        if st is None or name not in st.entries:
             raise CheckpointError(f"{self.path}: tensor {name} is missing")
-        return self._files[self._map[name]].get_slice(name)
+        return st
 
     def _read(self, name: str, rows: Range | None, cols: Range | None) -> torch.Tensor:
-        sl = self._slice(name)
-        r = slice(*rows) if rows else slice(None)
-        c = slice(*cols) if cols else slice(None)
-        try:
-            return sl[r, c] if (rows or cols) else sl[:]
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {name} ({e})") from None
+        t = self._entry(name).read(name, rows)
+        return t[:, cols[0]:cols[1]].contiguous() if cols else t
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._entry(name).entries[name][1]
 
     def weight(self, name: str, rows: Range | None = None, cols: Range | None = None) -> Weight:
         scale_name = name.removesuffix(".weight") + ".weight_scale_inv"

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dsv3_rt.core.checkpoint import Range, SafetensorsSource, TensorSource
+from dsv3_rt.core.checkpoint import Range, SafetensorsFile, SafetensorsSource, TensorSource
 from dsv3_rt.core.errors import CheckpointError
 from dsv3_rt.core.kernels import Kernels
 from dsv3_rt.core.parallel import Parallel
@@ -130,16 +130,14 @@ class _FileSource(SafetensorsSource):
     """One file of a sharded checkpoint, read with SafetensorsSource's slicing and FP8 rules."""
 
     def __init__(self, file: Path, fp8_block: tuple[int, int] | None) -> None:  # noqa: D107 - no directory scan
-        from safetensors import safe_open
-
         if not file.is_file():
             raise CheckpointError(f"{file}: shard file is missing")
         self.path, self.block = file.parent, fp8_block or FP8_BLOCK
-        handle = self._open(file, safe_open)
+        handle = SafetensorsFile(file)
         self._files = {file.name: handle}
-        self._map = {name: file.name for name in handle.keys()}
+        self._map = {name: file.name for name in handle.entries}
         try:
-            self.slices: dict[str, list[Any]] = json.loads((handle.metadata() or {}).get(SLICES_KEY, "{}"))
+            self.slices: dict[str, list[Any]] = json.loads(handle.metadata.get(SLICES_KEY, "{}"))
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{file}: unreadable {SLICES_KEY} metadata ({e})") from None
 
