@@ -1,6 +1,6 @@
 """The embedded default model (dsv3_rt/data/default_model, trained by tools/train_tiny.py) is a real model:
 DeepSeek's FP8 checkpoint layout, held-out perplexity far below a bigram model's, a working MTP module, and
-greedy continuations of function headers that compile."""
+greedy continuations of function headers that start indented Python bodies, some of which compile."""
 from __future__ import annotations
 
 import json
@@ -104,12 +104,15 @@ def test_mtp_predicts_two_ahead(model, sample_windows: list[list[int]]) -> None:
     assert hits / n > 1.5 * counts.most_common(1)[0][1] / n
 
 
-def test_greedy_continuations_are_python(model, tok: Tokenizer, quality: dict) -> None:
-    """Greedy continuations of function headers start an indented body; which of them compile (cut at the last
-    complete line) is what quality.json reports, and at least one does."""
+def test_greedy_continuations_compile(model, tok: Tokenizer, quality: dict) -> None:
+    """Greedy (temperature 0) continuations of plain function/class headers, prompted as header + newline, start an
+    indented body; which of them compile when cut at their last complete line is what quality.json records (2 of 6
+    for the 3500-step model: greedy decoding of this 9.6M-param model mostly loops inside unclosed docstrings),
+    and at least one does."""
     from dsv3_rt.core.sampling import SamplingParams
 
     shipped = quality["greedy_header_continuations"]
+    assert len(GENERATION_HEADERS) >= 6
     prompts = [tok.encode(h + "\n", add_bos=True) for h in GENERATION_HEADERS]
     outs = model.generate_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=shipped["max_new_tokens"]))
     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]

@@ -29,7 +29,7 @@ from dsv3_rt.core.weights import FP8_BLOCK, quantize_fp8_block  # noqa: E402
 CHAT_TEMPLATE_SOURCE = Path("/work/shared/data/deepseek-v3/tokenizer_config.json")
 EVAL_LEN = 256  # tokens per held-out window (position 0 is context only)
 SAMPLE_WINDOWS = 8
-GENERATION_MAX_TOKENS = 64  # the test's fixed subset: the first 8 windows of the first held-out files
+GENERATION_MAX_TOKENS = 64  # greedy tokens per header continuation (quality.json and the test)
 BF16_SUFFIXES = ("norm.weight", "layernorm.weight", "embed_tokens.weight", "lm_head.weight", "mlp.gate.weight",
                  "eh_proj.weight")
 
@@ -219,7 +219,7 @@ def export(work: Path, out: Path, eval_limit: int | None = None) -> dict:
         "train_seconds": round(meta["train_seconds"], 1), "batch": meta["batch"], "seq": meta["seq"],
         "train_files": len(train_files), "train_tokens_available": int(len(train_ids)),
         "vocab_size": tok.get_vocab_size(), "seed": meta["seed"], "python": sys.version.split()[0],
-        "command": "python tools/train_tiny.py",
+        "commands": meta.get("commands", ["python tools/train_tiny.py"]),
     }
     (out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     print(json.dumps(quality, indent=2))
