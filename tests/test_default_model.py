@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 import dsv3_rt
 from dsv3_rt.core.batch import AttnBatch
-from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR, GENERATION_HEADERS, continuation_compiles, describe
+from dsv3_rt.core.default_model import (DEFAULT_MODEL_DIR, GENERATION_HEADERS, continuation_compiles, describe,
+                                        heldout_windows, perplexity)
 from dsv3_rt.core.tokenizer import Tokenizer
-
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,10 @@ def quality() -> dict:
 
 
 @pytest.fixture(scope="module")
-def sample_windows(tok: Tokenizer) -> list[list[int]]:
-    """The fixed held-out subset quality.json's "sample" numbers were measured on: BOS + file + EOS per file,
-    cut into non-overlapping windows."""
-    sample = json.loads((DEFAULT_MODEL_DIR / "heldout_sample.json").read_text())
-    stream: list[int] = []
-    for f in sample["files"]:
-        stream += tok.encode(f["text"], add_bos=True) + [tok.eos_id]
-    n = sample["eval_len"]
-    windows = [stream[i * n:(i + 1) * n] for i in range(len(stream) // n)][: sample["windows"]]
-    assert len(windows) == sample["windows"]
+def sample_windows(tok: Tokenizer, quality: dict) -> list[list[int]]:
+    """The fixed held-out subset quality.json's "sample" numbers were measured on."""
+    windows = heldout_windows(tok)
+    assert len(windows) == quality["sample"]["windows"]
     return windows
 
 
@@ -73,12 +67,7 @@ def test_checkpoint_is_deepseek_fp8_layout(quality: dict) -> None:
 
 
 def test_heldout_perplexity_beats_bigram_threefold(model, sample_windows: list[list[int]], quality: dict) -> None:
-    nll, n = 0.0, 0
-    for w in sample_windows:
-        logits = model.logits(w)
-        nll += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(w[1:]), reduction="sum"))
-        n += len(w) - 1
-    ppl = math.exp(nll / n)
+    ppl = perplexity(model, sample_windows)
     s = quality["sample"]
     assert ppl == pytest.approx(s["perplexity"], rel=1e-3)  # the shipped numbers describe the shipped model
     assert ppl <= s["bigram_perplexity"] / 3, (ppl, s)
