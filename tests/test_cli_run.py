@@ -206,10 +206,17 @@ def test_errors_are_one_line(case: str, ckpt: Path, tmp_path: Path, capsys) -> N
     assert "Traceback" not in err and out == ""
 
 
-def test_missing_default_model_is_a_clear_error(capsys, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setitem(sys.modules, "dsv3_rt.core.default_model", None)  # as if the module did not exist
+def test_missing_default_model_is_a_clear_error(capsys, monkeypatch, tmp_path: Path) -> None:  # noqa: ANN001
+    from dsv3_rt.core import default_model
+
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", tmp_path / "gone")  # a broken installation
     code, _, err = run(capsys, "--prompt", "x")
-    assert code == 1 and "no --model given and no default model is installed" in err
+    assert code == 1 and "the embedded default model is missing from this installation" in err
+
+
+def test_default_model_runs_without_model_flag(capsys) -> None:  # noqa: ANN001
+    code, out, err = run(capsys, "--prompt", "def fibonacci(n):", "--no-chat", "--max-new-tokens", "8")
+    assert code == 0 and "embedded default model" in err and out.strip()
 
 
 def test_debug_shows_the_traceback(ckpt: Path) -> None:

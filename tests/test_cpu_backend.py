@@ -160,12 +160,14 @@ def test_model_matches_reference_on_same_weights(source, dtype, hf_checkpoint):
     model = dsv3_rt.load(path, backend="cpu", dtype=dtype, progress=False)
     ids = [i % model.config.vocab_size for i in PROMPT]
     got = model.logits(ids)
-    want = _logits_with(model, reference_for(model.kernels), ids)
+    want = _logits_with(model, Kernels("float32"), ids)  # the exact values of the same prepared weights
     tol = 1e-4 if dtype == "float32" else 6e-2
-    # near-tied experts may flip under bf16 rounding: the bulk must agree, and the greedy token everywhere
+    # near-tied experts may flip under bf16 rounding: the bulk must agree, and the greedy token wherever it is clear
     err = (got - want).abs() > tol + tol * want.abs()
     assert float(err.float().mean()) < 0.1, f"{int(err.sum())} of {err.numel()} logits outside {tol}"
-    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol  # positions whose greedy token no rounding can flip
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -283,16 +283,13 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 def _open_model(name: str | None) -> tuple[str, Checkpoint]:
     """The --model checkpoint (or the embedded default model) and its name; says on stderr which one it is."""
     if name is None:
-        try:
-            from dsv3_rt.core import default_model
-        except ImportError as e:
-            if getattr(e, "name", None) not in ("dsv3_rt.core.default_model", None):
-                raise
-            raise CheckpointError("no --model given and no default model is installed "
-                                  "(dsv3_rt/core/default_model.py); pass --model PATH or a preset name") from None
+        from dsv3_rt.core import default_model
+
+        if not (default_model.DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise CheckpointError(f"no --model given and the embedded default model is missing from this installation "
+                                  f"({default_model.DEFAULT_MODEL_DIR}); pass --model PATH or a preset name")
         name = str(default_model.DEFAULT_MODEL_DIR)
-        about = default_model.describe()
-        print(f"dsv3-rt: no --model: using the embedded default model{f' ({about})' if about else ''} at {name}", file=sys.stderr)
+        print(f"dsv3-rt: no --model: using the embedded default model ({default_model.describe()}) at {name}", file=sys.stderr)
     ckpt = open_checkpoint(name)
     print(f"dsv3-rt: model: {ckpt.description}", file=sys.stderr)
     return name, ckpt
