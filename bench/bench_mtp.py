@@ -206,6 +206,9 @@ def main() -> int:
           f"(1 token: {ms0['main forward']:.2f} ms), MTP drafting {ms1['mtp drafting']:.2f} ms of which the MTP "
           f"forward {ms1['mtp forward']:.2f} ms = {ms1['mtp forward'] / ms0['main forward']:.2f}x the main forward; "
           f"break-even at this cost needs {ms1['step'] / ms0['step']:.2f} tokens per step")
+    bound = k1["tokens_per_step"] * ms0["step"] / (ms0["step"] + ms1["mtp drafting"])
+    print(f"  even if verifying 2 tokens cost what 1 costs and verification were free, k = 1 would run at most "
+          f"{bound:.2f}x: drafting one token costs {ms1['mtp drafting'] / ms0['step']:.2f}x a plain step here")
     best = max(((r, k) for r in ok for k in KS), key=lambda rk: rk[0]["settings"][rk[1]]["speedup"])
     print(f"  best setting: {best[0]['dtype']} k = {best[1]}, {best[0]['settings'][best[1]]['speedup']:.2f}x")
     load_after = os.getloadavg()
