@@ -305,6 +305,9 @@ class Kernels:
         """
         logits = logits.float()
         greedy = temperature <= 0
+        onehot = F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        if bool(greedy.all()):  # all greedy (the common case when verifying drafts): no softmax or sort needed
+            return onehot
         t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
         probs = torch.softmax(logits / t[:, None], dim=-1)
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
@@ -317,7 +320,6 @@ class Kernels:
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
-        onehot = F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
         return torch.where(greedy[:, None], onehot, probs)
 
     def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
