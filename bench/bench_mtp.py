@@ -9,8 +9,8 @@ plain greedy decoding token for token. One more run per setting is profiled (mai
 rest of the step) to show where the time goes. Targets: >= 1.4x at k = 1 and acceptance >= 60% on the dtype
 whose plain decoding is fastest. Writes bench/results/mtp-<date>.json.
 
-    python bench/bench_mtp.py            # 64 new tokens, 6 prompts, 3 runs, dtypes float32 bfloat16 int8
-    python bench/bench_mtp.py --quick    # 32 new tokens, 4 prompts, 2 runs
+    python bench/bench_mtp.py            # 64 new tokens, 6 prompts, 5 runs, dtypes float32 bfloat16 int8
+    python bench/bench_mtp.py --quick    # 32 new tokens, 4 prompts, 3 runs
 """
 from __future__ import annotations
 
@@ -102,32 +102,34 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
     t0 = time.perf_counter()
     model = dsv3_rt.load(model_dir, backend=backend, dtype=dtype, progress=False)
     load_s = time.perf_counter() - t0
-    settings = {}
     for k in (0, *KS):
         decode(model, prompts[0], k, n)  # warm-up
-        run_rates, outs, drafted, accepted, steps, decoded = [], None, 0, 0, 0, 0
-        for _ in range(runs):
+    # settings interleaved within each run, so a burst of other load on the machine hits all of them alike
+    rates: dict[int, list[float]] = defaultdict(list)
+    outs: dict[int, list[list[int]]] = {}
+    totals: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for _ in range(runs):
+        for k in (0, *KS):
             results = [decode(model, p, k, n) for p in prompts]
-            run_rates.append(sum(r["decoded"] for r in results) / sum(r["seconds"] for r in results))
-            outs = outs or [r["tokens"] for r in results]
-            drafted += sum(r["drafted"] for r in results)
-            accepted += sum(r["accepted"] for r in results)
-            steps += sum(r["steps"] for r in results)
-            decoded += sum(r["decoded"] for r in results)
+            rates[k].append(sum(r["decoded"] for r in results) / sum(r["seconds"] for r in results))
+            outs.setdefault(k, [r["tokens"] for r in results])
+            for key in ("drafted", "accepted", "steps", "decoded"):
+                totals[k][key] += sum(r[key] for r in results)
+    settings = {}
+    for k in (0, *KS):
         prof = [decode(model, p, k, n, profile=True) for p in prompts]
         prof_steps = sum(r["steps"] for r in prof)
         per_step_ms = {name: 1e3 * sum(r["profile"].get(name, 0.0) for r in prof) / prof_steps
                        for name in ("main forward", "mtp drafting", "mtp forward")}
         per_step_ms["step"] = 1e3 * sum(r["seconds"] for r in prof) / prof_steps
         per_step_ms["rest"] = per_step_ms["step"] - per_step_ms["main forward"] - per_step_ms["mtp drafting"]
-        print(f"  {dtype} k={k}: {statistics.median(run_rates):.1f} tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
-        settings[k] = {"tok_s": statistics.median(run_rates), "runs_tok_s": run_rates,
-                       "acceptance": accepted / drafted if drafted else None,
-                       "tokens_per_step": decoded / steps, "outputs": outs, "per_step_ms": per_step_ms}
-    plain = settings[0]
-    for k, s in settings.items():
-        s["speedup"] = s["tok_s"] / plain["tok_s"]
-        s["identical_prompts"] = sum(a == b for a, b in zip(s["outputs"], plain["outputs"]))
+        t = totals[k]
+        settings[k] = {"tok_s": statistics.median(rates[k]), "runs_tok_s": rates[k],
+                       "speedup": statistics.median(a / b for a, b in zip(rates[k], rates[0])),  # per run, then median
+                       "acceptance": t["accepted"] / t["drafted"] if t["drafted"] else None,
+                       "tokens_per_step": t["decoded"] / t["steps"], "outputs": outs[k], "per_step_ms": per_step_ms,
+                       "identical_prompts": sum(a == b for a, b in zip(outs[k], outs[0]))}
+        print(f"  {dtype} k={k}: {settings[k]['tok_s']:.1f} tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
     return {"backend": backend, "dtype": dtype, "kernels": model.kernels.name, "load_s": load_s, "settings": settings}
 
 
@@ -146,7 +148,7 @@ def print_dtype(res: dict, n_prompts: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="32 new tokens, 4 prompts, 2 runs")
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, 4 prompts, 3 runs")
     ap.add_argument("--model", default=None, help="checkpoint with an MTP module (default: the embedded default model)")
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16,int8", help="comma-separated runtime dtypes to try")
@@ -170,7 +172,7 @@ def main() -> int:
     texts = PROMPTS[:4] if args.quick else PROMPTS
     prompts = [tok.encode(t, add_bos=True) for t in texts]
     n = args.max_new_tokens or (32 if args.quick else 64)
-    runs = args.runs or (2 if args.quick else 3)
+    runs = args.runs or (3 if args.quick else 5)
     quality = Path(args.model) / "quality.json"
     about = json.loads(quality.read_text()) if quality.is_file() else {}
     load_before = os.getloadavg()
