@@ -94,10 +94,9 @@ class Server:
             from dataclasses import replace
 
             params = replace(params, stop_ids=self.stop_ids)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
-            fut = self.worker.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            fut = self.worker.submit(prompt, params, events.put_nowait)  # called on the event loop (see create_app)
         except QueueFull as e:
             raise ApiError(503, f"the server is busy ({e}); retry shortly", code="server_busy", type_="server_error") from None
         try:
@@ -174,6 +173,11 @@ class Server:
                 self.worker.cancel(gen.seq)
 
 
+def _dispatch(batch: list) -> None:
+    for listener, event in batch:
+        listener(event)
+
+
 def _finish(done: Done) -> str:
     return "length" if done.reason == "length" else "stop"
 
@@ -185,6 +189,9 @@ def _sse(obj: dict) -> str:
 def create_app(server: Server) -> Starlette:
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        # one wake-up of the event loop per engine step, carrying every token of that step
+        server.worker.deliver = lambda batch: loop.call_soon_threadsafe(_dispatch, batch)
         server.worker.start()
         try:
             yield

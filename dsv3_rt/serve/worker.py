@@ -36,12 +36,21 @@ class QueueFull(Exception):
     """More requests wait than the server accepts (backpressure: HTTP 503 with Retry-After)."""
 
 
+Listener = Callable[[Event], None]
+
+
 class EngineWorker:
-    def __init__(self, engine: Engine, max_queue: int = 64) -> None:
+    """deliver: hands one step's (listener, event) pairs to the consumer at once (the server posts them to its
+    event loop in a single wake-up per step); by default listeners are called on the engine thread."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64,
+                 deliver: Callable[[list[tuple[Listener, Event]]], None] | None = None) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        self.deliver = deliver
+        self._outbox: list[tuple[Listener, Event]] = []
         self._inbox: queue.Queue = queue.Queue()
-        self._listeners: dict[int, Callable[[Event], None]] = {}
+        self._listeners: dict[int, Listener] = {}
         self._pending = 0  # submitted but not yet running: the queue that backpressure bounds
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -60,7 +69,7 @@ class EngineWorker:
     def in_flight(self) -> int:
         return len(self._listeners)
 
-    def submit(self, prompt: list[int], params: SamplingParams, listener: Callable[[Event], None]) -> Future:
+    def submit(self, prompt: list[int], params: SamplingParams, listener: Listener) -> Future:
         """Queue a request; the future resolves to its `Sequence` (or raises its RequestError)."""
         with self._lock:
             if self._pending + len(self.engine.waiting) >= self.max_queue:
@@ -77,6 +86,7 @@ class EngineWorker:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._drain(block=not self.engine.has_work)
+            self._flush()
             if self._stopping.is_set() or not self.engine.has_work:
                 continue
             try:
@@ -93,9 +103,11 @@ class EngineWorker:
                     self._emit(seq, Token(tok))
                 if last:
                     self._emit(seq, Done(seq.finish_reason or "stop", len(seq.generated)))
+            self._flush()
         for seq in list(self.engine.running) + list(self.engine.waiting):
             self.engine.cancel(seq)
             self._emit(seq, Done("cancelled", len(seq.generated)))
+        self._flush()
 
     def _drain(self, block: bool) -> None:
         try:
@@ -130,4 +142,14 @@ class EngineWorker:
         if isinstance(event, Done):
             self._listeners.pop(seq.id, None)
         if listener is not None:
-            listener(event)
+            self._outbox.append((listener, event))
+
+    def _flush(self) -> None:
+        batch, self._outbox = self._outbox, []
+        if not batch:
+            return
+        if self.deliver is not None:
+            self.deliver(batch)
+        else:
+            for listener, event in batch:
+                listener(event)
