@@ -1,1 +1,1 @@
-"""The OpenAI-compatible server: HTTP routes over an engine thread with continuous batching."""
+"""The OpenAI-compatible server: HTTP routes and an engine task on one event loop (continuous batching)."""

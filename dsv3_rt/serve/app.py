@@ -96,11 +96,9 @@ class Server:
             params = replace(params, stop_ids=self.stop_ids)
         events: asyncio.Queue = asyncio.Queue()
         try:
-            fut = self.worker.submit(prompt, params, events.put_nowait)  # called on the event loop (see create_app)
+            seq = self.worker.submit(prompt, params, events.put_nowait)
         except QueueFull as e:
             raise ApiError(503, f"the server is busy ({e}); retry shortly", code="server_busy", type_="server_error") from None
-        try:
-            seq = await asyncio.wrap_future(fut)
         except RequestError as e:
             code = "context_length_exceeded" if "context" in str(e) else None
             raise ApiError(400, str(e), "messages" if req.chat else "prompt", code) from None
@@ -173,11 +171,6 @@ class Server:
                 self.worker.cancel(gen.seq)
 
 
-def _dispatch(batch: list) -> None:
-    for listener, event in batch:
-        listener(event)
-
-
 def _finish(done: Done) -> str:
     return "length" if done.reason == "length" else "stop"
 
@@ -189,14 +182,11 @@ def _sse(obj: dict) -> str:
 def create_app(server: Server) -> Starlette:
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        # one wake-up of the event loop per engine step, carrying every token of that step
-        server.worker.deliver = lambda batch: loop.call_soon_threadsafe(_dispatch, batch)
         server.worker.start()
         try:
             yield
         finally:  # SIGTERM: uvicorn stops accepting, then in-flight requests are cancelled and end cleanly
-            server.worker.stop()
+            await server.worker.stop()
 
     started = time.time()
     app = Starlette(routes=[

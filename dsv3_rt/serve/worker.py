@@ -1,19 +1,17 @@
-"""The engine's own thread: requests join the running batch between steps, tokens flow back to each request.
+"""The engine as a task of the server's event loop: requests join the running batch between steps, tokens
+flow back to each request.
 
-The ASGI side never touches the engine: it posts submissions and cancellations to an inbox and receives
-events (`Token`, `Done`) on a per-request callback. So one thread owns the engine and the cache, and a slow
-or vanished client cannot stall the batch.
+One thread does everything: a step runs, then the loop serves HTTP (new requests, streamed chunks,
+disconnects), then the next step. There is no second thread to fight over the GIL, so the per-token HTTP
+work and the engine never wait on each other, and nothing needs a lock.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import asyncio
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 from dsv3_rt.core.engine import Engine, Sequence
-from dsv3_rt.core.errors import Dsv3Error
 from dsv3_rt.core.sampling import SamplingParams
 
 
@@ -30,64 +28,58 @@ class Done:
 
 
 Event = Token | Done
+Listener = Callable[[Event], None]
 
 
 class QueueFull(Exception):
     """More requests wait than the server accepts (backpressure: HTTP 503 with Retry-After)."""
 
 
-Listener = Callable[[Event], None]
-
-
 class EngineWorker:
-    """deliver: hands one step's (listener, event) pairs to the consumer at once (the server posts them to its
-    event loop in a single wake-up per step); by default listeners are called on the engine thread."""
-
-    def __init__(self, engine: Engine, max_queue: int = 64,
-                 deliver: Callable[[list[tuple[Listener, Event]]], None] | None = None) -> None:
+    def __init__(self, engine: Engine, max_queue: int = 64) -> None:
         self.engine = engine
         self.max_queue = max_queue
-        self.deliver = deliver
-        self._outbox: list[tuple[Listener, Event]] = []
-        self._inbox: queue.Queue = queue.Queue()
         self._listeners: dict[int, Listener] = {}
-        self._pending = 0  # submitted but not yet running: the queue that backpressure bounds
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dsv3-rt-engine", daemon=True)
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
 
     def start(self) -> None:
-        self._thread.start()
+        """Start stepping; call from the event loop that serves the requests."""
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel every in-flight request (each gets Done("cancelled")) and end the thread."""
-        self._stopping.set()
-        self._inbox.put(("wake", None, None))
-        self._thread.join(timeout)
+    async def stop(self) -> None:
+        """Cancel every in-flight request (each gets Done("cancelled")) and end the task."""
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            await self._task
 
     @property
     def in_flight(self) -> int:
         return len(self._listeners)
 
-    def submit(self, prompt: list[int], params: SamplingParams, listener: Listener) -> Future:
-        """Queue a request; the future resolves to its `Sequence` (or raises its RequestError)."""
-        with self._lock:
-            if self._pending + len(self.engine.waiting) >= self.max_queue:
-                raise QueueFull(f"{self.max_queue} requests are already waiting")
-            self._pending += 1
-        fut: Future = Future()
-        self._inbox.put(("submit", (prompt, params, listener), fut))
-        return fut
+    def submit(self, prompt: list[int], params: SamplingParams, listener: Listener) -> Sequence:
+        """Queue a request for the next step (raises QueueFull, or the engine's RequestError)."""
+        if len(self.engine.waiting) >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are already waiting")
+        seq = self.engine.submit(prompt, params)
+        self._listeners[seq.id] = listener
+        self._wake.set()
+        return seq
 
     def cancel(self, seq: Sequence) -> None:
-        self._inbox.put(("cancel", seq, None))
+        if not seq.finished:
+            self.engine.cancel(seq)
+            self._emit(seq, Done("cancelled", len(seq.generated)))
 
-    # --- the engine thread ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._drain(block=not self.engine.has_work)
-            self._flush()
-            if self._stopping.is_set() or not self.engine.has_work:
+    async def _run(self) -> None:
+        while not self._stopping:
+            if not self.engine.has_work:
+                self._wake.clear()
+                await self._wake.wait()
                 continue
             try:
                 produced = self.engine.step()
@@ -103,53 +95,14 @@ class EngineWorker:
                     self._emit(seq, Token(tok))
                 if last:
                     self._emit(seq, Done(seq.finish_reason or "stop", len(seq.generated)))
-            self._flush()
+            await asyncio.sleep(0)  # serve HTTP (new requests, chunks, disconnects) between steps
         for seq in list(self.engine.running) + list(self.engine.waiting):
             self.engine.cancel(seq)
             self._emit(seq, Done("cancelled", len(seq.generated)))
-        self._flush()
-
-    def _drain(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._handle(*item)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _handle(self, kind: str, payload, fut: Future | None) -> None:  # noqa: ANN001
-        if kind == "submit":
-            prompt, params, listener = payload
-            with self._lock:
-                self._pending -= 1
-            try:
-                seq = self.engine.submit(prompt, params)
-            except Dsv3Error as e:
-                fut.set_exception(e)
-                return
-            self._listeners[seq.id] = listener
-            fut.set_result(seq)
-        elif kind == "cancel" and not payload.finished:
-            self.engine.cancel(payload)
-            self._emit(payload, Done("cancelled", len(payload.generated)))
 
     def _emit(self, seq: Sequence, event: Event) -> None:
         listener = self._listeners.get(seq.id)
         if isinstance(event, Done):
             self._listeners.pop(seq.id, None)
         if listener is not None:
-            self._outbox.append((listener, event))
-
-    def _flush(self) -> None:
-        batch, self._outbox = self._outbox, []
-        if not batch:
-            return
-        if self.deliver is not None:
-            self.deliver(batch)
-        else:
-            for listener, event in batch:
-                listener(event)
+            listener(event)
