@@ -67,6 +67,10 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} {e['dtype']} (file truncated or corrupt)")
             self.entries[name] = (dtype, shape, self.base + begin, self.base + end)
 
+    def __del__(self) -> None:
+        if hasattr(self, "fd"):
+            os.close(self.fd)
+
     def read(self, name: str, rows: Range | None = None) -> torch.Tensor:
         """The tensor, or only rows [start, end) of its first dimension (one contiguous read)."""
         dtype, shape, begin, end = self.entries[name]
@@ -143,24 +147,20 @@ class SafetensorsSource:
                 raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {t.dtype}") from None
         bn, bk = self.block
         shape = self.shape(name)
+        expect = (math.ceil(shape[0] / bn), math.ceil(shape[1] / bk))
+        if self.shape(scale_name) != expect:
+            raise CheckpointError(f"{self.path}: {scale_name} has shape {self.shape(scale_name)}, expected {expect} for {name} {shape}")
         rows = rows or (0, shape[0])
         cols = cols or (0, shape[1])
-        aligned = rows[0] % bn == 0 and cols[0] % bk == 0 and (rows[1] % bn == 0 or rows[1] == shape[0]) \
-            and (cols[1] % bk == 0 or cols[1] == shape[1])
-        # read whole blocks around the requested range; slice exactly when it falls on block edges
+        # read the whole blocks that cover the range, with their scales
         br = (rows[0] // bn, math.ceil(rows[1] / bn))
         bc = (cols[0] // bk, math.ceil(cols[1] / bk))
-        scale = self._read(scale_name, br, bc).float()
         data = self._read(name, (br[0] * bn, min(br[1] * bn, shape[0])), (bc[0] * bk, min(bc[1] * bk, shape[1])))
-        expect = (math.ceil(shape[0] / bn), math.ceil(shape[1] / bk))
-        if tuple(self.shape(scale_name)) != expect:
-            raise CheckpointError(f"{self.path}: {scale_name} has shape {self.shape(scale_name)}, expected {expect} for {name} {shape}")
-        w = fp8_weight(data, scale, self.block)
-        if aligned:
-            return w if (rows, cols) == ((0, shape[0]), (0, shape[1])) else fp8_weight(
-                data[rows[0] - br[0] * bn: rows[1] - br[0] * bn, cols[0] - bc[0] * bk: cols[1] - bc[0] * bk], scale, self.block)
-        full = w.dequantize(torch.bfloat16)  # an unaligned shard: only its own blocks are dequantised
-        return dense(full[rows[0] - br[0] * bn: rows[1] - br[0] * bn, cols[0] - bc[0] * bk: cols[1] - bc[0] * bk].contiguous())
+        w = fp8_weight(data, self._read(scale_name, br, bc).float(), self.block)
+        if data.shape == (rows[1] - rows[0], cols[1] - cols[0]):  # the range is whole blocks: it stays FP8
+            return w
+        local = (slice(rows[0] - br[0] * bn, rows[1] - br[0] * bn), slice(cols[0] - bc[0] * bk, cols[1] - bc[0] * bk))
+        return dense(w.dequantize(torch.bfloat16)[local].contiguous())  # an unaligned shard: only its own blocks
 
     def vector(self, name: str) -> torch.Tensor:
         return self._read(name, None, None)

@@ -8,7 +8,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import uvicorn
 from starlette.applications import Starlette
@@ -91,8 +91,6 @@ class Server:
         prompt = self._prompt_ids(req)
         params = req.params
         if self.stop_ids:
-            from dataclasses import replace
-
             params = replace(params, stop_ids=self.stop_ids)
         events: asyncio.Queue = asyncio.Queue()
         try:
