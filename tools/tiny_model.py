@@ -16,9 +16,11 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3TopkRouter,
 )
 
-# The shipped architecture: every DeepSeek-V3 feature, sized for a 2-core CPU training budget.
+# The shipped architecture: every DeepSeek-V3 feature, sized for a 2-core CPU training budget. Eight layers
+# rather than fewer, wider ones: the MTP module (one layer) then costs a small fraction of a main-model step,
+# as in DeepSeek-V3 (1 of 62 layers), which is what makes speculative decoding with it pay off.
 ARCH = dict(
-    hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
+    hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=8,
     first_k_dense_replace=1, num_attention_heads=3, n_routed_experts=32, n_shared_experts=1,
     num_experts_per_tok=2, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
     q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
@@ -34,6 +36,7 @@ def hf_config(vocab_size: int, arch: dict = ARCH) -> DeepseekV3Config:
         num_nextn_predict_layers=1, **arch,
     )
     cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = "grouped_mm"  # one grouped GEMM per projection: 1.2x eager's expert loop here
     return cfg
 
 
