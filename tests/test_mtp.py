@@ -11,7 +11,7 @@ from dsv3_rt.core.engine import Engine
 from dsv3_rt.core.kernels import Kernels
 from dsv3_rt.core.loader import WeightBuilder, expected_shapes
 from dsv3_rt.core.sampling import SamplingParams
-from dsv3_rt.core.speculative import verify
+from dsv3_rt.core.speculative import verify, verify_greedy
 from dsv3_rt.graph import DeepseekV3
 
 PROMPTS = [[0] + [(7 * i + 3 * j) % 300 + 2 for j in range(2 + i)] for i in range(6)]
@@ -63,6 +63,17 @@ def test_verify_is_greedy_on_one_hot_distributions():
     assert verify(target, [2, 4], eye[[2, 4]], g) == [2, 4, 1]
     assert verify(target, [2, 3], eye[[2, 3]], g) == [2, 4]
     assert verify(target, [0, 4], eye[[0, 4]], g) == [2]
+
+
+def test_verify_greedy_equals_verify_on_one_hot_distributions():
+    """The engine's greedy fast path (argmaxes only) accepts exactly what speculative sampling would."""
+    g = torch.Generator().manual_seed(2)
+    eye = torch.eye(4)
+    for _ in range(200):
+        k = int(torch.randint(1, 4, (), generator=g))
+        best = torch.randint(0, 4, (k + 1,), generator=g).tolist()
+        drafts = torch.randint(0, 4, (k,), generator=g).tolist()
+        assert verify_greedy(best, drafts) == verify(eye[best], drafts, eye[drafts], g)
 
 
 def test_verify_first_token_follows_the_target():

@@ -15,7 +15,7 @@ import torch
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.errors import RequestError
 from dsv3_rt.core.sampling import SamplingParams
-from dsv3_rt.core.speculative import SpecStats, draw, verify
+from dsv3_rt.core.speculative import SpecStats, draw, verify, verify_greedy
 from dsv3_rt.graph import DeepseekV3
 
 _ids = itertools.count()
@@ -138,10 +138,14 @@ class Engine:
         if not any(s.drafts for s in seqs):
             return [[t] for t in self.sample(seqs, logits)]
         k, row, result = self.graph.k, 0, []
+        best = logits.argmax(dim=-1).tolist() if any(_greedy(s) for s in seqs) else []
         for s in seqs:
             n = len(s.drafts) + 1
-            probs = k.sampling_probs(logits[row:row + n], *self._params([s] * n, logits.device))
-            toks = verify(probs, s.drafts, s.draft_probs, s.generator)
+            if _greedy(s):  # the one-hot case of `verify`, without building distributions
+                toks = verify_greedy(best[row:row + n], s.drafts)
+            else:
+                probs = k.sampling_probs(logits[row:row + n], *self._params([s] * n, logits.device))
+                toks = verify(probs, s.drafts, s.draft_probs, s.generator)
             self.spec.drafted += len(s.drafts)
             self.spec.accepted += len(toks) - 1
             self.spec.verify_steps += 1
@@ -175,11 +179,16 @@ class Engine:
         depth = 0
         while group:
             logits = self.graph.logits(normed)
-            probs = k.sampling_probs(logits, *self._params(group, dev))
-            drafts = self._agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
-            for j, s in enumerate(group):
-                s.drafts.append(drafts[j][0])
-                s.draft_probs = probs[j:j + 1] if s.draft_probs is None else torch.cat([s.draft_probs, probs[j:j + 1]])
+            if all(_greedy(s) for s in group):  # greedy verification needs the drafts only, not their distributions
+                drafts = self._agree_lists([[t] for t in logits.argmax(dim=-1).tolist()])
+                for s, d in zip(group, drafts):
+                    s.drafts.append(d[0])
+            else:
+                probs = k.sampling_probs(logits, *self._params(group, dev))
+                drafts = self._agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
+                for j, s in enumerate(group):
+                    s.drafts.append(drafts[j][0])
+                    s.draft_probs = probs[j:j + 1] if s.draft_probs is None else torch.cat([s.draft_probs, probs[j:j + 1]])
             depth += 1
             keep = [j for j, s in enumerate(group) if len(s.drafts) < self._draft_len(s)]
             if not keep:
@@ -233,3 +242,7 @@ class Engine:
         while self.has_work:
             self.step()
         return [s.generated for s in seqs]
+
+
+def _greedy(seq: Sequence) -> bool:
+    return seq.params.temperature <= 0

@@ -60,6 +60,15 @@ def verify(target: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor, g
     return out
 
 
+def verify_greedy(target_ids: list[int], drafts: list[int]) -> list[int]:
+    """`verify` for a greedy sequence, from the argmax of each of the k + 1 verified positions: keep drafts
+    while they equal the main model's choice, then add its choice at the first mismatch (or the bonus)."""
+    n = 0
+    while n < len(drafts) and drafts[n] == target_ids[n]:
+        n += 1
+    return drafts[:n] + [target_ids[n]]
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     u = torch.rand((), generator=generator)
     return int(inverse_cdf(probs[None] / probs.sum(), u[None].to(probs.device))[0])
