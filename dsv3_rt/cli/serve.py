@@ -1,4 +1,7 @@
-"""`dsv3-rt serve`: an OpenAI-compatible HTTP server with continuous batching."""
+"""`dsv3-rt serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+Under --tp/--ep (or torchrun) every rank loads its slice and builds the same engine; rank 0 serves HTTP and
+the other ranks follow its steps (dsv3_rt/serve/lockstep.py)."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +9,10 @@ import sys
 from pathlib import Path
 
 from dsv3_rt.cli import add_common
+from dsv3_rt.core import distributed
 from dsv3_rt.core.errors import CheckpointError, RequestError
 from dsv3_rt.core.kernels import DTYPES
+from dsv3_rt.core.parallel import Parallel
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,32 +31,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=None, help="context per sequence in tokens (default: the model's, up to 4096)")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request (default 256)")
     p.add_argument("--mtp", type=int, default=0, metavar="K", help="draft K tokens per step with the MTP module")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (local processes; under torchrun: its "
+                                                       "ranks): rank 0 serves HTTP, the others follow its steps")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel ranks: experts split over them (default: --tp)")
     add_common(p)
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, parallel: Parallel | None = None) -> int:
     from dsv3_rt.cli.run import _open_model
     from dsv3_rt.core.model import load
     from dsv3_rt.core.tokenizer import load_tokenizer
-    from dsv3_rt.serve.app import Server, create_app, serve_http
 
     for flag in ("max_batch", "max_queue", "max_tokens"):
         if getattr(args, flag) < 1:
             raise RequestError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.mtp < 0:
         raise RequestError("--mtp must be >= 0")
+    if parallel is None:  # --tp/--ep or torchrun: every rank runs this command; rank 0 serves, the others follow
+        return distributed.run_parallel(args.argv, args.tp, args.ep, args.backend, lambda par: main(args, par), lead=True)
     name, ckpt = _open_model(args.model)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise CheckpointError(f"{ckpt.description} has no tokenizer; the server needs tokenizer.json")
-    model = load(name, backend=args.backend, dtype=args.dtype, progress=sys.stderr.isatty())
+    model = load(name, backend=args.backend, dtype=args.dtype, progress=sys.stderr.isatty(), parallel=parallel)
     max_len = args.max_len or min(model.config.max_position_embeddings, 4096)
+    lockstep = None
+    if parallel.world_size > 1:
+        from dsv3_rt.serve.lockstep import Lockstep, follow
+
+        lockstep = Lockstep(parallel)  # collective: every rank makes it here
+        if not parallel.is_main:
+            return follow(model.engine(max_batch=args.max_batch, max_len=max_len, mtp=args.mtp), lockstep)
+    from dsv3_rt.serve.app import Server, create_app, serve_http
+
     served = args.served_model_name or (Path(name).name if ckpt.path else name)
-    server = Server(model, tokenizer, served, args.max_batch, args.max_queue, max_len, args.mtp, args.max_tokens)
+    server = Server(model, tokenizer, served, args.max_batch, args.max_queue, max_len, args.mtp, args.max_tokens, lockstep)
     k = model.kernels
+    ranks = f"; tp {parallel.tp_size}, ep {parallel.ep_size}, rank 0 of {parallel.world_size}" if lockstep else ""
     print(f"dsv3-rt: serving '{served}' on http://{args.host}:{args.port} (backend {k.name}, {k.dtype}; "
-          f"batch {args.max_batch}, queue {args.max_queue}, context {max_len})", file=sys.stderr, flush=True)
-    serve_http(create_app(server), args.host, args.port)
+          f"batch {args.max_batch}, queue {args.max_queue}, context {max_len}{ranks})", file=sys.stderr, flush=True)
+    try:
+        serve_http(create_app(server), args.host, args.port)
+    finally:
+        server.worker.close()  # --tp/--ep: the other ranks stop too, however the server ended
+    if server.worker.fatal is not None:
+        raise server.worker.fatal
     print("dsv3-rt: server stopped", file=sys.stderr)
     return 0

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -37,6 +38,7 @@ ENV_LOAD_TIMEOUT = "DSV3RT_DIST_LOAD_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_LOAD_TIMEOUT_S = 3600.0
 STOP_GRACE_S = 10.0  # how long stopped ranks get to exit before they are killed
+LEAD_STOP_S = 60.0  # `serve`: how long rank 0 gets to stop itself and its followers before they are killed
 
 
 class DistributedError(Dsv3Error):
@@ -179,10 +181,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(cmd: list[str], world: int, env: dict[str, str] | None = None, logs: Path | None = None) -> list[subprocess.Popen]:
+def start_ranks(cmd: list[str], world: int, env: dict[str, str] | None = None, logs: Path | None = None,
+                own_session: bool = False) -> list[subprocess.Popen]:
     """Start `world` local copies of `cmd` as ranks 0..world-1 of one run (torchrun's environment).
 
-    logs: a folder for the stderr of ranks 1.. (rank{r}.log), so only rank 0 talks to the terminal."""
+    logs: a folder for the stderr of ranks 1.. (rank{r}.log), so only rank 0 talks to the terminal.
+    own_session: the ranks do not get the terminal's Ctrl-C; the launcher decides whom to signal."""
     base = {**os.environ, **(env or {}), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     # as torchrun does: ranks sharing a machine split its cores (oversubscribed ranks stall each collective)
@@ -190,15 +194,27 @@ def start_ranks(cmd: list[str], world: int, env: dict[str, str] | None = None, l
     procs = []
     for r in range(world):
         err = open(logs / f"rank{r}.log", "wb") if logs is not None and r > 0 else None  # noqa: SIM115
-        procs.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=err))
+        procs.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=err,
+                                      start_new_session=own_session))
         if err is not None:
             err.close()  # the child holds its own copy
     return procs
 
 
-def supervise(procs: list[subprocess.Popen], poll_s: float = 0.05) -> tuple[int, int | None]:
+def supervise(procs: list[subprocess.Popen], poll_s: float = 0.05, lead: bool = False) -> tuple[int, int | None]:
     """Wait for every rank. When one exits with an error, stop the others and return (its code, its rank);
-    (0, None) when all succeed. Ctrl-C stops every rank, then re-raises."""
+    (0, None) when all succeed. Ctrl-C stops every rank, then re-raises.
+
+    lead: rank 0 leads the others (`serve`; start the ranks with own_session): Ctrl-C or SIGTERM on the launcher
+    reach rank 0 alone, as SIGTERM (a second one as SIGINT: stop without waiting for requests); rank 0 stops the
+    other ranks itself and the launcher waits for all of them. Ranks still running LEAD_STOP_S after the first
+    signal, or after rank 0 exited, are killed."""
+    asked: list[int] = []
+    previous: dict[int, Any] = {}
+    if lead and threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, lambda sig, _: asked.append(sig)) for s in (signal.SIGINT, signal.SIGTERM)}
+    forwarded = 0
+    deadline: float | None = None
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -210,10 +226,25 @@ def supervise(procs: list[subprocess.Popen], poll_s: float = 0.05) -> tuple[int,
                 return code, rank
             if all(c == 0 for c in codes):
                 return 0, None
+            if lead:
+                now = time.monotonic()
+                if len(asked) > forwarded and codes[0] is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        procs[0].send_signal(signal.SIGTERM if not forwarded else signal.SIGINT)
+                    forwarded = len(asked)
+                if deadline is None and (forwarded or codes[0] is not None):
+                    deadline = now + LEAD_STOP_S
+                if deadline is not None and now > deadline:
+                    late = next(r for r, c in enumerate(codes) if c is None)
+                    stop(procs, signal.SIGKILL, grace_s=STOP_GRACE_S)  # followers ignore SIGTERM
+                    return procs[late].returncode, late
             time.sleep(poll_s)
     except KeyboardInterrupt:
         stop(procs, signal.SIGINT)
         raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM, grace_s: float = STOP_GRACE_S) -> None:
@@ -240,24 +271,25 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def maybe_launch(argv: list[str], tp: int | None, ep: int | None) -> int | None:
+def maybe_launch(argv: list[str], tp: int | None, ep: int | None, lead: bool = False) -> int | None:
     """For a CLI command given --tp/--ep: in a plain process that needs more than one rank, start the ranks
     (re-running `dsv3-rt *argv` in each) and return the exit code; None when this process should run the
-    command itself (one rank, or a rank already started by torchrun or by us)."""
+    command itself (one rank, or a rank already started by torchrun or by us). lead: see `supervise`."""
     if "WORLD_SIZE" in os.environ:
         return None
     tp, ep, world = resolve_layout(tp, ep)
     if world == 1:
         return None
-    return launch_command(argv, world)
+    return launch_command(argv, world, lead)
 
 
-def launch_command(argv: list[str], world: int) -> int:
+def launch_command(argv: list[str], world: int, lead: bool = False) -> int:
     """Run `dsv3-rt *argv` as `world` local ranks; an error in one rank stops all of them. Only rank 0 writes
-    to the terminal; another rank's stderr is shown when that rank is the one that failed."""
+    to the terminal; another rank's stderr is shown when that rank is the one that failed. lead: rank 0 stops
+    the others (`serve`; see `supervise`)."""
     with tempfile.TemporaryDirectory(prefix="dsv3rt-logs-") as tmp:
-        procs = start_ranks([sys.executable, "-m", "dsv3_rt", *argv], world, logs=Path(tmp))
-        code, rank = supervise(procs)
+        procs = start_ranks([sys.executable, "-m", "dsv3_rt", *argv], world, logs=Path(tmp), own_session=lead)
+        code, rank = supervise(procs, lead=lead)
         if not code:
             return 0
         log = Path(tmp) / f"rank{rank}.log"
@@ -269,11 +301,12 @@ def launch_command(argv: list[str], world: int) -> int:
 
 
 def run_parallel(argv: list[str], tp: int | None, ep: int | None, kernels_backend: str | None,
-                 body: Callable[[Parallel], int]) -> int:
+                 body: Callable[[Parallel], int], lead: bool = False) -> int:
     """The CLI's way in: start local ranks if --tp/--ep ask for them (re-running `dsv3-rt *argv`), else join
     the run this process is a rank of (torchrun or our launcher), then `body(parallel)` with collective
-    failures reported as one line. A plain single process just runs `body(SINGLE)`."""
-    code = maybe_launch(argv, tp, ep)
+    failures reported as one line. A plain single process just runs `body(SINGLE)`.
+    lead: rank 0 stops the other ranks itself (`serve`); the local launcher forwards Ctrl-C/SIGTERM to it."""
+    code = maybe_launch(argv, tp, ep, lead)
     if code is not None:
         return code
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
@@ -15,12 +15,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from dsv3_rt.core.engine import Sequence
 from dsv3_rt.core.errors import RequestError
 from dsv3_rt.core.model import Model
 from dsv3_rt.core.tokenizer import Tokenizer
 from dsv3_rt.serve import protocol
+from dsv3_rt.serve.lockstep import Lockstep
 from dsv3_rt.serve.protocol import ApiError, StopMatcher
 from dsv3_rt.serve.worker import Done, EngineWorker, QueueFull, Token
 
@@ -39,9 +41,10 @@ class Generation:
 
 class Server:
     def __init__(self, model: Model, tokenizer: Tokenizer, name: str, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, mtp: int = 0, default_max_tokens: int = 256) -> None:
+                 max_len: int | None = None, mtp: int = 0, default_max_tokens: int = 256, lockstep: Lockstep | None = None) -> None:
+        """lockstep: rank 0 of a --tp/--ep server (the other ranks run `lockstep.follow` on the same engine settings)."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.worker = EngineWorker(model.engine(max_batch=max_batch, max_len=max_len, mtp=mtp), max_queue)
+        self.worker = EngineWorker(model.engine(max_batch=max_batch, max_len=max_len, mtp=mtp), max_queue, lockstep)
         self.default_max_tokens = default_max_tokens
         self.stop_ids = () if tokenizer.eos_id is None or tokenizer.eos_id in model.config.eos_token_id else (tokenizer.eos_id,)
 
@@ -76,7 +79,7 @@ class Server:
             headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
             return JSONResponse(e.body(), status_code=e.status, headers=headers)
         if req.stream:
-            return StreamingResponse(self._stream(gen), media_type="text/event-stream")
+            return EventStream(self._stream(gen), lambda: self.worker.cancel(gen.seq))
         return await self._whole(gen, http)
 
     def _prompt_ids(self, req: protocol.Request) -> list[int]:
@@ -169,6 +172,31 @@ class Server:
                 self.worker.cancel(gen.seq)
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events from an async generator. A client that leaves ends its request at once: on_disconnect
+    cancels the sequence (so the generator ends) and the generator is closed. (Starlette's StreamingResponse,
+    with anyio 4.16, can leave its sending task stuck after a disconnect, and the sequence kept generating.)"""
+
+    def __init__(self, body: AsyncIterator[str], on_disconnect: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self.on_disconnect = on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.on_disconnect()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.stream_response(send)
+        except OSError:  # servers of ASGI spec 2.4 raise when sending to a closed connection
+            pass
+        finally:
+            watcher.cancel()
+            await self.body_iterator.aclose()
+
+
 def _finish(done: Done) -> str:
     return "length" if done.reason == "length" else "stop"
 
@@ -179,11 +207,11 @@ def _sse(obj: dict) -> str:
 
 def create_app(server: Server) -> Starlette:
     @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        server.worker.start()
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        server.worker.start(on_fatal=lambda: app.state.request_exit())
         try:
             yield
-        finally:  # SIGTERM: uvicorn stops accepting, then in-flight requests are cancelled and end cleanly
+        finally:  # SIGTERM: QuietExitServer.shutdown has stopped the worker already (in-flight requests ended)
             await server.worker.stop()
 
     started = time.time()
@@ -194,12 +222,24 @@ def create_app(server: Server) -> Starlette:
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
     ], lifespan=lifespan)
     app.state.started = started
+    app.state.worker = server.worker
+    app.state.request_exit = lambda: None  # serve_http: stop uvicorn (a --tp/--ep rank failed)
     return app
 
 
 class QuietExitServer(uvicorn.Server):
     """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would die by the signal;
-    here the signal only starts the shutdown (in-flight requests are cancelled) and the exit code stays 0."""
+    here the signal only starts the shutdown (in-flight requests are cancelled) and the exit code stays 0.
+
+    uvicorn would also let in-flight requests run for up to timeout_graceful_shutdown before cutting them off
+    (streams without their end); here the engine stops first, so every request ends at once, streams with [DONE]."""
+
+    worker: EngineWorker | None = None
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self):  # noqa: ANN201
@@ -213,4 +253,7 @@ class QuietExitServer(uvicorn.Server):
 
 def serve_http(app: Starlette, host: str, port: int) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    QuietExitServer(config).run()
+    server = QuietExitServer(config)
+    server.worker = getattr(app.state, "worker", None)
+    app.state.request_exit = lambda: setattr(server, "should_exit", True)
+    server.run()
