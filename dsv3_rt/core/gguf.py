@@ -18,6 +18,7 @@ import torch
 from dsv3_rt.core.checkpoint import Range
 from dsv3_rt.core.config import ModelConfig, YarnScaling
 from dsv3_rt.core.errors import CheckpointError, ConfigError
+from dsv3_rt.core.ggml_act import KV_B_PARTS
 from dsv3_rt.core.gguf_file import DENSE_TYPES, TensorInfo, open_files
 from dsv3_rt.core.gguf_names import ARCH, FUSED_GATE_UP, K_B, KV_B, V_B, gguf_shapes, parse
 from dsv3_rt.core.gguf_quant import quant_weight, slice_cols
@@ -254,7 +255,7 @@ class GGUFSource:
             info, part = found
             w = _to_torch(info, expert, _compose(part, rows))
         elif gname.endswith(KV_B) and self.mla:
-            w = dense(self._kv_b(layer)[rows[0]:rows[1]] if rows else self._kv_b(layer))
+            w = self._kv_b_weight(layer, rows)
         else:
             if gname not in self.tensors:
                 raise CheckpointError(f"{self.path}: tensor {gname} (for {name}) is missing")
@@ -278,6 +279,19 @@ class GGUFSource:
         if info.ggml_type in DENSE_TYPES:
             return dense(t.view(torch.bfloat16) if data.dtype == np.uint16 else t)
         return quant_weight(t, info.ggml_type, info.ne[0])
+
+    def _kv_b_weight(self, layer: int, rows: Range | None) -> Weight:
+        """kv_b (rows: whole heads), with the attn_k_b / attn_v_b Weights of those heads in its meta: llama.cpp
+        multiplies by those two, and `ggml_act` rounds activations for each one's stored type."""
+        full = self._kv_b(layer)
+        parts = tuple(_to_torch(self.tensors[f"blk.{layer}.{n}"]) for n in (K_B, V_B))
+        if rows:
+            per_head = full.shape[0] // self.cfg.num_attention_heads
+            heads = torch.arange(rows[0] // per_head, rows[1] // per_head)
+            parts = tuple(p.select(heads) for p in parts)
+            full = full[rows[0]:rows[1]]
+        w = dense(full)
+        return Weight(w.format, w.data, w.shape, None, {KV_B_PARTS: parts})
 
     def _kv_b(self, layer: int) -> torch.Tensor:
         """kv_b_proj [H*(dn+dv), r] from attn_k_b [H, r, dn] and attn_v_b [H, dv, r] (the inverse of the

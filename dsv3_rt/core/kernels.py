@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.weights import Weight, dense, quantize_int4_group, quantize_int8_rowwise
 
@@ -117,6 +118,7 @@ class Kernels:
         ops=OPS,
         kv_cache_dtypes=("float32", "bfloat16"),
         distributed_backend="gloo",
+        features=(ggml_act.FEATURE,),
     )
 
     @classmethod
@@ -134,15 +136,30 @@ class Kernels:
         return "torch CPU"
 
     def __init__(self, dtype: str = "float32", device: str | torch.device | None = None, **options: Any) -> None:
-        """dtype: runtime weight format (see DTYPES); `compute_dtype_for` picks the activation dtype."""
-        if dtype not in self.capabilities.dtypes:
-            from dsv3_rt.core.errors import BackendError
+        """dtype: runtime weight format (see DTYPES); `compute_dtype_for` picks the activation dtype.
 
+        options["activations"]: "exact" (default: activations stay in the compute dtype) or "ggml-cpu"
+        (round them as llama.cpp's CPU matmuls do for each weight's stored type, see `ggml_act`; needs
+        dtype float32 and a backend with the feature "activations.ggml-cpu").
+        """
+        from dsv3_rt.core.errors import BackendError
+
+        if dtype not in self.capabilities.dtypes:
             raise BackendError(f"backend {self.name!r} does not support dtype {dtype!r}; it supports {', '.join(self.capabilities.dtypes)}")
         self.dtype = dtype
         self.device = torch.device(device or self.device_type)
         self.compute_dtype: torch.dtype = self.compute_dtype_for(dtype)
         self.options = options
+        self.activations: str = options.get("activations") or "exact"
+        if self.activations not in ggml_act.MODES:
+            raise BackendError(f"activations={self.activations!r} is not one of {', '.join(ggml_act.MODES)}")
+        if self.activations == "ggml-cpu":
+            if ggml_act.FEATURE not in self.capabilities.features:
+                raise BackendError(f"backend {self.name!r} cannot round activations as llama.cpp does (activations='ggml-cpu'); "
+                                   f"the reference and cpu backends can")
+            if dtype != "float32":
+                raise BackendError(f"activations='ggml-cpu' multiplies the weights exactly as stored, so it needs dtype "
+                                   f"'float32' (got {dtype!r})")
 
     @classmethod
     def compute_dtype_for(cls, dtype: str) -> torch.dtype:
@@ -188,7 +205,9 @@ class Kernels:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [T, D] -> weight * (x / sqrt(mean(x², -1) + eps)); the normalisation in fp32, then cast to x's
-        dtype before the weight multiply (as transformers does)."""
+        dtype before the weight multiply (as transformers does). activations="ggml-cpu": ggml's formula."""
+        if self.activations == "ggml-cpu":
+            return ggml_act.rms_norm(x, weight, eps).to(x.dtype)
         xf = x.float()
         normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         return (weight.to(x.dtype) * normed).to(x.dtype)
@@ -199,8 +218,9 @@ class Kernels:
         return self.rms_norm(s, weight, eps), s
 
     def linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
-        """x [T, K] -> x @ W.T as [T, N], W the dequantised [N, K] weight; fp32 accumulation."""
-        return (x.float() @ w.dequantize(torch.float32).T).to(x.dtype)
+        """x [T, K] -> x @ W.T as [T, N], W the dequantised [N, K] weight; fp32 accumulation. A weight
+        carrying a `ggml_act` rule (activations="ggml-cpu") first rounds x as ggml's CPU matmul does."""
+        return ggml_act.matmul(x, w.dequantize(torch.float32), w.meta.get(ggml_act.KEY)).to(x.dtype)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> torch.Tensor:
         """Rotary embedding on interleaved pairs, as DeepSeek's checkpoints lay them out.
@@ -240,7 +260,9 @@ class Kernels:
             ctx_kv = cache.kv[layer][slot, :start + n].float()
             ctx_pe = cache.pe[layer][slot, :start + n].float()
             form = mla.naive if start == 0 else mla.absorbed
-            out.append(form(q_nope[off:off + n].float(), q_pe[off:off + n].float(), ctx_kv, ctx_pe, w, start, softmax_scale))
+            args = (q_nope[off:off + n].float(), q_pe[off:off + n].float(), ctx_kv, ctx_pe, w, start, softmax_scale)
+            rule = kv_b.meta.get(ggml_act.KEY)
+            out.append(form(*args) if rule is None else mla.ggml(*args, rule))
         return torch.cat(out).to(self.compute_dtype)
 
     def moe_route(self, x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +275,7 @@ class Kernels:
         ids = top_k of b (ties: lowest id first); weights = s[ids], divided by their sum if `normalize`,
         then times `scaling`.
         """
-        logits = x.float() @ gate.dequantize(torch.float32).T
+        logits = ggml_act.matmul(x, gate.dequantize(torch.float32), gate.meta.get(ggml_act.KEY))
         scores = logits.sigmoid() if spec.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if bias is None else scores + bias.float()
         if spec.n_group > 1 and spec.group_score != "none":
@@ -284,9 +306,9 @@ class Kernels:
             sel = eid == e
             t = tok[sel]
             idx = torch.tensor([e], device=x.device)
-            g, u, d = (w.select(idx).dequantize(torch.float32)[0] for w in (experts.gate, experts.up, experts.down))
+            g, u, d = (_expert_mm(w, idx) for w in (experts.gate, experts.up, experts.down))
             xe = x[t].float()
-            y = (F.silu(xe @ g.T) * (xe @ u.T)) @ d.T
+            y = d(F.silu(g(xe)) * u(xe))
             out.index_add_(0, t, y * weights[t, slot[sel]].float()[:, None])
         return out.to(self.compute_dtype)
 
@@ -294,7 +316,8 @@ class Kernels:
         """SwiGLU FFN: down(silu(gate x) * up x); [T, D] -> [T, D]. Dense layers and shared experts."""
         xf = x.float()
         g, u, d = (w.dequantize(torch.float32) for w in (gate, up, down))
-        return ((F.silu(xf @ g.T) * (xf @ u.T)) @ d.T).to(x.dtype)
+        h = F.silu(ggml_act.matmul(xf, g, gate.meta.get(ggml_act.KEY))) * ggml_act.matmul(xf, u, up.meta.get(ggml_act.KEY))
+        return ggml_act.matmul(h, d, down.meta.get(ggml_act.KEY)).to(x.dtype)
 
     def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """The distribution a token is drawn from, per row. logits [B, V] fp32 -> probs [B, V] fp32.
@@ -361,6 +384,14 @@ def overridden_ops(cls: type[Kernels]) -> tuple[str, ...]:
 def fallback_ops(cls: type[Kernels]) -> tuple[str, ...]:
     """Ops `cls` does not declare in `capabilities.ops`: they run the reference code, and reports say so."""
     return tuple(op for op in OPS if op not in cls.capabilities.ops)
+
+
+def _expert_mm(w: Weight, idx: torch.Tensor):  # noqa: ANN202 - Callable[[Tensor], Tensor]
+    """x -> x @ W_e.T (fp32) for the one expert `idx` of a stacked weight, honouring its `ggml_act` rule."""
+    dense = w.select(idx).dequantize(torch.float32)[0]
+    rule = w.meta.get(ggml_act.KEY)
+    rule = None if rule is None else rule.expert(int(idx[0]))
+    return lambda x: ggml_act.matmul(x, dense, rule)
 
 
 def _topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:

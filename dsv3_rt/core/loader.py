@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from dsv3_rt.core import ggml_act
 from dsv3_rt.core.checkpoint import Range, TensorSource
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.errors import CheckpointError
@@ -98,7 +99,15 @@ class WeightBuilder:
             raise CheckpointError(f"checkpoint is missing tensor {name}")
         w = self.src.weight(name, rows, cols)
         self._check(name, w.shape, rows, cols)
-        return self.k.prepare_weight(w, usage)
+        return self.prepare(w, usage)
+
+    def prepare(self, w: Weight, usage: str) -> Weight:
+        """The backend's runtime form of `w`; with activations="ggml-cpu" it carries the rounding rule of
+        w's stored type (`ggml_act.attach`), which kernels with that feature honour."""
+        prepared = self.k.prepare_weight(w, usage)
+        if getattr(self.k, "activations", "exact") == "ggml-cpu":
+            prepared = ggml_act.attach(prepared, w, usage)
+        return prepared
 
     def vector(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if not self.src.has(name):
@@ -151,7 +160,7 @@ class WeightBuilder:
             whole = fast(p, proj, first, last) if fast else None
             if whole is not None:
                 self._check(f"{p}.experts.{first}.{proj}.weight", whole.shape[1:], None, None)
-                stacked[proj] = self.k.prepare_weight(whole, "experts")
+                stacked[proj] = self.prepare(whole, "experts")
                 continue
             parts = []
             for e in range(first, last):
@@ -161,7 +170,7 @@ class WeightBuilder:
                 w = self.src.weight(name)
                 self._check(name, w.shape, None, None)
                 parts.append(w)
-            stacked[proj] = self.k.prepare_weight(_stack(parts), "experts")
+            stacked[proj] = self.prepare(_stack(parts), "experts")
             del parts
         return ExpertWeights(stacked["gate_proj"], stacked["up_proj"], stacked["down_proj"], first=first)
 

@@ -11,6 +11,7 @@ import torch
 
 if TYPE_CHECKING:
     from dsv3_rt.core.batch import AttnBatch
+    from dsv3_rt.core.ggml_act import MLARounding
     from dsv3_rt.core.kernels import LatentCache
 
 
@@ -57,3 +58,25 @@ def write_latent(cache: LatentCache, layer: int, kv: torch.Tensor, k_pe: torch.T
     cache.kv[layer][slots, batch.positions] = kv.to(cache.kv[layer].dtype)
     cache.pe[layer][slots, batch.positions] = k_pe.to(cache.pe[layer].dtype)
     return slots
+
+
+def ggml(q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor, ctx_pe: torch.Tensor,
+         w_kv_b: torch.Tensor, start: int, scale: float, rule: MLARounding) -> torch.Tensor:
+    """The form llama.cpp runs, with its activation rounding (`dsv3_rt.core.ggml_act`): absorbed for split
+    attn_k_b/attn_v_b files (q_nope rounded for attn_k_b, the latent output for attn_v_b), naive for
+    legacy attn_kv_b files (the latent rounded for attn_kv_b). Scores and values stay fp32 (F32 cache)."""
+    from dsv3_rt.core import ggml_act
+
+    heads, dn = q_nope.shape[1], q_nope.shape[2]
+    w_uk, w_uv = _split_kv_b(w_kv_b, heads, dn)  # [H, dn, r], [H, dv, r]
+    if rule.absorbed:
+        q_abs = ggml_act.heads_matmul(q_nope, w_uk.transpose(1, 2), rule.k)  # [n, H, r]
+        scores = torch.einsum("shr,lr->shl", q_abs, ctx_kv) + torch.einsum("shd,ld->shl", q_pe, ctx_pe)
+        probs = _causal(scores * scale, start).softmax(dim=-1)
+        latent = torch.einsum("shl,lr->shr", probs, ctx_kv)
+        return ggml_act.heads_matmul(latent, w_uv, rule.v)
+    kv = ggml_act.matmul(ctx_kv, w_kv_b, rule.kv).view(ctx_kv.shape[0], heads, -1)  # [L, H, dn + dv]
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    scores = torch.einsum("shd,lhd->shl", q_nope, k_nope) + torch.einsum("shd,ld->shl", q_pe, ctx_pe)
+    probs = _causal(scores * scale, start).softmax(dim=-1)
+    return torch.einsum("shl,lhd->shd", probs, v)

@@ -280,7 +280,9 @@ def report_fallbacks(cls: type[Kernels]) -> tuple[str, ...]:
 
 
 def create_kernels(name: str | None = None, dtype: str | None = None, **options: Any) -> Kernels:
-    """An instance of the selected backend for runtime weight format `dtype` (default: the backend's first)."""
+    """An instance of the selected backend for runtime weight format `dtype` (default: the backend's first;
+    float32 with activations="ggml-cpu", which multiplies the weights as stored)."""
     cls = select_backend(name)
     report_fallbacks(cls)
-    return cls(dtype=dtype or cls.capabilities.dtypes[0], **options)
+    default = "float32" if options.get("activations") == "ggml-cpu" else cls.capabilities.dtypes[0]
+    return cls(dtype=dtype or default, **options)

@@ -11,6 +11,10 @@ dequantised tensor by tensor, never as a whole BF16 model):
 | fp8      | FP8 e4m3 + 128x128 scales as shipped, widened on use | bf16 | bf16 | bf16        |
 | float32  | fp32                               | fp32         | fp32         | fp32        |
 
+`load(..., dtype="float32", activations="ggml-cpu")` keeps the fp32 weights and rounds each activation row
+as llama.cpp's CPU matmul does for the weight's stored GGUF type (`dsv3_rt.core.ggml_act`; MLA then runs
+the reference's llama.cpp form).
+
 The default is int8: at batch 1 decode reads every active weight once per token, int8 halves bf16's bytes
 and its per-row rounding stays inside the conformance tolerances of the bf16 activations it runs with;
 int4 is faster still but moves logits several times more (it is a choice, not a default). The router
@@ -27,6 +31,7 @@ from dsv3_rt.backends.cpu import attention, moe
 from dsv3_rt.backends.cpu.formats import quantize_int4, quantize_int8
 from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.conformance.tolerances import Tolerance
+from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import Capabilities, ExpertWeights, Kernels, LatentCache
 from dsv3_rt.core.weights import Weight, dense
@@ -44,7 +49,7 @@ class CpuBackend(Kernels):
              "moe_experts", "dense_mlp", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
-        features=("mla.absorb", "mla.fused_latent_cache", "moe.grouped_by_expert"),
+        features=("mla.absorb", "mla.fused_latent_cache", "moe.grouped_by_expert", ggml_act.FEATURE),
     )
 
     #: the model cases load the reference with its own int4 (symmetric, 32-groups, fp32 scales); this backend's
@@ -102,6 +107,8 @@ class CpuBackend(Kernels):
         return super().embedding(ids, table)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.activations == "ggml-cpu":
+            return ggml_act.rms_norm(x, weight, eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), weight.float(), eps)
         return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight.to(x.dtype)
@@ -132,6 +139,8 @@ class CpuBackend(Kernels):
 
     def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                       kv_b: Weight, cache: LatentCache, layer: int, batch: AttnBatch, softmax_scale: float) -> torch.Tensor:
+        if ggml_act.KEY in kv_b.meta:  # llama.cpp's form and rounding (activations="ggml-cpu"): the reference's
+            return super().mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale)
         return attention.mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale)
 
     def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:

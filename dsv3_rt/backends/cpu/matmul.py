@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu.formats import fp8_to_dense
+from dsv3_rt.core import ggml_act
 from dsv3_rt.core.weights import Weight
 
 #: rows from which a quantised weight is widened to bf16 for a oneDNN GEMM instead of the weight-only kernel
@@ -19,7 +20,12 @@ WIDEN_ROWS = 128
 def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype; `expert` picks one matrix of a stacked [E, N, K] weight.
 
-    Formats not prepared by the cpu backend (e.g. GGUF blocks a loader hands through) are dequantised."""
+    Formats not prepared by the cpu backend (e.g. GGUF blocks a loader hands through) are dequantised. A
+    weight with a `ggml_act` rule (activations="ggml-cpu", fp32 weights) rounds x as llama.cpp does first."""
+    rule = w.meta.get(ggml_act.KEY)
+    if rule is not None:
+        dense = w.dequantize(torch.float32) if expert is None else w.select(torch.tensor([expert])).dequantize(torch.float32)[0]
+        return ggml_act.matmul(x, dense, rule if expert is None else rule.expert(expert)).to(x.dtype)
     fmt = w.format
     data = w.data if expert is None else w.data[expert]
     scale = w.scale if expert is None or w.scale is None else w.scale[expert]
@@ -48,3 +54,4 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
         wide = torch.float32 if x.dtype == torch.float32 or x.shape[0] < WIDEN_ROWS else torch.bfloat16
         return F.linear(x.to(wide), fp8_to_dense(one, wide)).to(x.dtype)  # fp32 gemv is the faster one at m=1
     return F.linear(x.float(), one.dequantize(torch.float32)).to(x.dtype)
+
