@@ -173,6 +173,15 @@ def matmul(x: torch.Tensor, w: torch.Tensor, rule: ActRounding | None) -> torch.
     return y.float()
 
 
+def weight_matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tensor:
+    """`matmul` with a `Weight` (or expert `expert` of a stacked one), dequantised to fp32, under its own rule."""
+    rule = w.meta.get(KEY)
+    if expert is None:
+        return matmul(x, w.dequantize(torch.float32), rule)
+    dense = w.select(torch.tensor([expert], device=w.data.device)).dequantize(torch.float32)[0]
+    return matmul(x, dense, None if rule is None else rule.expert(expert))
+
+
 def heads_matmul(x: torch.Tensor, w: torch.Tensor, rule: ActRounding | None) -> torch.Tensor:
     """Per-head products as ggml's batched mul_mat does them: x [n, H, K], w [H, N, K] -> [n, H, N] fp32,
     each x[s, h] rounded by `rule` (mins, if any, [H, N, K/32]); summation as in `matmul`."""

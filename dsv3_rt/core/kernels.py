@@ -220,7 +220,7 @@ class Kernels:
     def linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         """x [T, K] -> x @ W.T as [T, N], W the dequantised [N, K] weight; fp32 accumulation. A weight
         carrying a `ggml_act` rule (activations="ggml-cpu") first rounds x as ggml's CPU matmul does."""
-        return ggml_act.matmul(x, w.dequantize(torch.float32), w.meta.get(ggml_act.KEY)).to(x.dtype)
+        return ggml_act.weight_matmul(x, w).to(x.dtype)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> torch.Tensor:
         """Rotary embedding on interleaved pairs, as DeepSeek's checkpoints lay them out.
@@ -275,7 +275,7 @@ class Kernels:
         ids = top_k of b (ties: lowest id first); weights = s[ids], divided by their sum if `normalize`,
         then times `scaling`.
         """
-        logits = ggml_act.matmul(x, gate.dequantize(torch.float32), gate.meta.get(ggml_act.KEY))
+        logits = ggml_act.weight_matmul(x, gate)
         scores = logits.sigmoid() if spec.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if bias is None else scores + bias.float()
         if spec.n_group > 1 and spec.group_score != "none":
@@ -305,19 +305,17 @@ class Kernels:
         for e in eid.unique().tolist():  # one matmul per selected expert, never a loop over all experts
             sel = eid == e
             t = tok[sel]
-            idx = torch.tensor([e], device=x.device)
-            g, u, d = (_expert_mm(w, idx) for w in (experts.gate, experts.up, experts.down))
             xe = x[t].float()
-            y = d(F.silu(g(xe)) * u(xe))
+            h = F.silu(ggml_act.weight_matmul(xe, experts.gate, e)) * ggml_act.weight_matmul(xe, experts.up, e)
+            y = ggml_act.weight_matmul(h, experts.down, e)
             out.index_add_(0, t, y * weights[t, slot[sel]].float()[:, None])
         return out.to(self.compute_dtype)
 
     def dense_mlp(self, x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
         """SwiGLU FFN: down(silu(gate x) * up x); [T, D] -> [T, D]. Dense layers and shared experts."""
         xf = x.float()
-        g, u, d = (w.dequantize(torch.float32) for w in (gate, up, down))
-        h = F.silu(ggml_act.matmul(xf, g, gate.meta.get(ggml_act.KEY))) * ggml_act.matmul(xf, u, up.meta.get(ggml_act.KEY))
-        return ggml_act.matmul(h, d, down.meta.get(ggml_act.KEY)).to(x.dtype)
+        h = F.silu(ggml_act.weight_matmul(xf, gate)) * ggml_act.weight_matmul(xf, up)
+        return ggml_act.weight_matmul(h, down).to(x.dtype)
 
     def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """The distribution a token is drawn from, per row. logits [B, V] fp32 -> probs [B, V] fp32.
@@ -384,14 +382,6 @@ def overridden_ops(cls: type[Kernels]) -> tuple[str, ...]:
 def fallback_ops(cls: type[Kernels]) -> tuple[str, ...]:
     """Ops `cls` does not declare in `capabilities.ops`: they run the reference code, and reports say so."""
     return tuple(op for op in OPS if op not in cls.capabilities.ops)
-
-
-def _expert_mm(w: Weight, idx: torch.Tensor):  # noqa: ANN202 - Callable[[Tensor], Tensor]
-    """x -> x @ W_e.T (fp32) for the one expert `idx` of a stacked weight, honouring its `ggml_act` rule."""
-    dense = w.select(idx).dequantize(torch.float32)[0]
-    rule = w.meta.get(ggml_act.KEY)
-    rule = None if rule is None else rule.expert(int(idx[0]))
-    return lambda x: ggml_act.matmul(x, dense, rule)
 
 
 def _topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -22,10 +22,8 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
 
     Formats not prepared by the cpu backend (e.g. GGUF blocks a loader hands through) are dequantised. A
     weight with a `ggml_act` rule (activations="ggml-cpu", fp32 weights) rounds x as llama.cpp does first."""
-    rule = w.meta.get(ggml_act.KEY)
-    if rule is not None:
-        dense = w.dequantize(torch.float32) if expert is None else w.select(torch.tensor([expert])).dequantize(torch.float32)[0]
-        return ggml_act.matmul(x, dense, rule if expert is None else rule.expert(expert)).to(x.dtype)
+    if ggml_act.KEY in w.meta:
+        return ggml_act.weight_matmul(x, w, expert).to(x.dtype)
     fmt = w.format
     data = w.data if expert is None else w.data[expert]
     scale = w.scale if expert is None or w.scale is None else w.scale[expert]
@@ -54,4 +52,3 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
         wide = torch.float32 if x.dtype == torch.float32 or x.shape[0] < WIDEN_ROWS else torch.bfloat16
         return F.linear(x.to(wide), fp8_to_dense(one, wide)).to(x.dtype)  # fp32 gemv is the faster one at m=1
     return F.linear(x.float(), one.dequantize(torch.float32)).to(x.dtype)
-

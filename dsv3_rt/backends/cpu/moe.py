@@ -42,7 +42,6 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
     return out.to(x.dtype)
 
 
-
 def _few_tokens(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     groups: dict[int, list[tuple[int, float]]] = {}
     for row, (es, ws) in enumerate(zip((ids - experts.first).tolist(), weights.tolist())):
