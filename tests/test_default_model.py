@@ -1,6 +1,6 @@
 """The embedded default model (dsv3_rt/data/default_model, trained by tools/train_tiny.py) is a real model:
 DeepSeek's FP8 checkpoint layout, held-out perplexity far below a bigram model's, a working MTP module, and
-greedy continuations of function headers that start indented Python bodies, some of which compile."""
+greedy continuations of function headers that start indented Python bodies, most of which compile."""
 from __future__ import annotations
 
 import json
@@ -93,11 +93,28 @@ def test_mtp_predicts_two_ahead(model, sample_windows: list[list[int]]) -> None:
     assert hits / n > 1.5 * counts.most_common(1)[0][1] / n
 
 
+def test_continuation_compiles_cuts_at_last_logical_line() -> None:
+    h = "def f(n):"
+    assert not continuation_compiles(h, '    """Return the\n    nth thing')  # unclosed docstring: header alone
+    assert continuation_compiles(h, '    x = 1\n    """Return\n')  # ... after a complete line: that line counts
+    # an unclosed bracket on the last line (followed by more text) ends the scan after the good lines
+    assert continuation_compiles(h, "    x = 1\n    return g(int(int(0), 0)\n\n\ndef g(s):\n    return s\n")
+    assert continuation_compiles(h, "    x = (1 +\n         2)\n    return x\n    y = ")  # a logical line of two
+    assert continuation_compiles(h, "    x = 1\n    if x:\n        for y in x:  # loop\n    junk")  # openers dropped
+    assert not continuation_compiles(h, "    if x:\n")  # nothing left but the header
+    assert not continuation_compiles(h, "    if (n and\n            x):\n")  # a two-line opener is dropped whole
+    assert not continuation_compiles(h, "    return n")  # no complete line yet
+    assert not continuation_compiles(h, "    # a comment\n\n")  # adds no statement
+    assert not continuation_compiles(h, ")) ]] @@ x y\n = = \n")
+    assert not continuation_compiles(h, "    x = 1 +\n    y = 2\n")
+
+
 def test_greedy_continuations_compile(model, tok: Tokenizer, quality: dict) -> None:
     """Greedy (temperature 0) continuations of plain function/class headers, prompted as header + newline, start an
-    indented body; which of them compile when cut at their last complete line is what quality.json records (2 of 6
-    for the 3500-step model: greedy decoding of this 9.6M-param model mostly loops inside unclosed docstrings),
-    and at least one does."""
+    indented body, and most of them compile when cut at their last complete logical line (continuation_compiles)
+    at quality.json's length, a function body's worth (256 tokens). quality.json records which: 4 of 6 for the
+    shipped 3000-step 22.2M-param model (1 of 6 at 64 tokens, 2 at 128, 4 at 192: greedy decoding first writes a
+    long stdlib-style docstring; the two class headers never leave theirs)."""
     from dsv3_rt.core.sampling import SamplingParams
 
     shipped = quality["greedy_header_continuations"]
@@ -109,4 +126,4 @@ def test_greedy_continuations_compile(model, tok: Tokenizer, quality: dict) -> N
         assert text.startswith("    ") and text.strip(), (header, text)  # a body, indented under the header
     compiles = {h: continuation_compiles(h, t) for h, t in zip(GENERATION_HEADERS, texts)}
     assert compiles == shipped["compiles"]
-    assert any(compiles.values()), compiles
+    assert sum(compiles.values()) / len(compiles) > 1 / 2, compiles  # most cases

@@ -29,7 +29,8 @@ from dsv3_rt.core.weights import FP8_BLOCK, quantize_fp8_block  # noqa: E402
 CHAT_TEMPLATE_SOURCE = Path("/work/shared/data/deepseek-v3/tokenizer_config.json")
 EVAL_LEN = 256  # tokens per held-out window (position 0 is context only)
 SAMPLE_WINDOWS = 8
-GENERATION_MAX_TOKENS = 64  # greedy tokens per header continuation (quality.json and the test)
+GENERATION_MAX_TOKENS = 256  # greedy tokens per header continuation (quality.json and the test): a function body
+GENERATION_LENGTHS = (64, 128, 192, 256)  # also measured, for quality.json's per-length table
 BF16_SUFFIXES = ("norm.weight", "layernorm.weight", "embed_tokens.weight", "lm_head.weight", "mlp.gate.weight",
                  "eh_proj.weight")
 
@@ -124,15 +125,36 @@ def runtime_quality(out: Path, windows: list[np.ndarray]) -> tuple[float, float]
 
 
 def greedy_compile_rate(out: Path, tok) -> dict:
-    """Greedy continuations (GENERATION_MAX_TOKENS) of GENERATION_HEADERS through dsv3_rt: which compile."""
+    """Greedy continuations of GENERATION_HEADERS through dsv3_rt: which compile (continuation_compiles: cut at the
+    last complete logical line) at GENERATION_MAX_TOKENS, and the rate at each of GENERATION_LENGTHS."""
     import dsv3_rt
     from dsv3_rt.core.sampling import SamplingParams
 
     model = dsv3_rt.load(out, backend="reference", dtype="float32", progress=False)
-    prompts = [[0] + tok.encode(h + "\n", add_special_tokens=False).ids for h in GENERATION_HEADERS]
-    outs = model.generate_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=GENERATION_MAX_TOKENS))
-    ok = {h: continuation_compiles(h, tok.decode(o, skip_special_tokens=True)) for h, o in zip(GENERATION_HEADERS, outs)}
-    return {"max_new_tokens": GENERATION_MAX_TOKENS, "rate": sum(ok.values()) / len(ok), "compiles": ok}
+    prompts = [[tok.token_to_id(BOS)] + tok.encode(h + "\n", add_special_tokens=False).ids for h in GENERATION_HEADERS]
+    by_length = {}
+    for n in sorted(set(GENERATION_LENGTHS) | {GENERATION_MAX_TOKENS}):
+        outs = model.generate_batch(prompts, SamplingParams(temperature=0.0, max_new_tokens=n))
+        by_length[n] = {h: continuation_compiles(h, tok.decode(o, skip_special_tokens=True))
+                        for h, o in zip(GENERATION_HEADERS, outs)}
+    ok = by_length[GENERATION_MAX_TOKENS]
+    return {"max_new_tokens": GENERATION_MAX_TOKENS, "rate": sum(ok.values()) / len(ok), "compiles": ok,
+            "cut": "header + newline + continuation up to its last complete logical line (the stdlib tokenizer's last "
+                   "NEWLINE; an unclosed string or bracket at the end stops the scan), trailing block openers "
+                   "without a body dropped; compiles, and adds at least one line to the header",
+            "rate_by_max_new_tokens": {str(n): f"{sum(v.values())}/{len(v)}" for n, v in by_length.items()}}
+
+
+def update_greedy(out: Path) -> dict:
+    """Recompute only quality.json's "greedy_header_continuations" for the checkpoint in `out` (no training state
+    needed): python tools/tiny_export.py --greedy-only [dsv3_rt/data/default_model]."""
+    from tokenizers import Tokenizer
+
+    quality = json.loads((out / "quality.json").read_text())
+    quality["greedy_header_continuations"] = greedy_compile_rate(out, Tokenizer.from_file(str(out / "tokenizer.json")))
+    (out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    print(json.dumps(quality["greedy_header_continuations"], indent=2))
+    return quality
 
 
 def torch_quality(model: TinyDeepseekV3, windows: list[np.ndarray]) -> float:
@@ -224,3 +246,12 @@ def export(work: Path, out: Path, eval_limit: int | None = None) -> dict:
     (out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     print(json.dumps(quality, indent=2))
     return quality
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--greedy-only"]:
+        from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
+
+        update_greedy(Path(sys.argv[2]) if len(sys.argv) > 2 else DEFAULT_MODEL_DIR)
+    else:
+        sys.exit("usage: python tools/tiny_export.py --greedy-only [CHECKPOINT_DIR]  (full export: train_tiny.py)")

@@ -5,8 +5,10 @@ checkpoint format (FP8 e4m3 block-scaled linears), so loading it exercises the s
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import tokenize
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,16 +35,33 @@ GENERATION_HEADERS = ("def fibonacci(n):", "def read_file(path):", "class Stack:
 
 
 def continuation_compiles(header: str, continuation: str) -> bool:
-    """Whether header + continuation, cut at its last complete line (trailing block openers without a body
-    dropped), compiles and adds at least one line to the header."""
+    """Whether header + continuation, cut at its last complete logical line (Python's own notion, from the
+    stdlib tokenizer: the text up to the last NEWLINE token; an unclosed string or bracket at the end just ends
+    the scan) with trailing block openers without a body dropped, compiles and adds at least one line to the
+    header. An unclosed docstring right under the header leaves the header alone, which does not count."""
     text = header + "\n" + continuation
-    lines = text[: text.rfind("\n")].split("\n")
-    while lines and (not lines[-1].strip() or lines[-1].rstrip().endswith(":")):
-        lines.pop()
-    if len(lines) < 2:
+    text = text[: text.rfind("\n") + 1]  # the last physical line was cut mid-way by the token budget
+    starts = [0]  # offset of each physical line, split as tokenize's readline splits (on "\n" only)
+    for line in io.StringIO(text).readlines():
+        starts.append(starts[-1] + len(line))
+    ends: list[tuple[int, bool]] = []  # (offset after each logical line, whether it opens a block)
+    last = None  # the last significant token of the current logical line
+    try:
+        for t in tokenize.generate_tokens(io.StringIO(text).readline):
+            if t.type == tokenize.NEWLINE:
+                if t.string:  # not the implicit one at EOF
+                    ends.append((starts[t.end[0] - 1] + t.end[1], last is not None and last.string == ":"))
+                last = None
+            elif t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+                last = t
+    except (tokenize.TokenError, SyntaxError):  # EOF inside a string or bracket, a bad dedent: stop here
+        pass
+    while ends and ends[-1][1]:
+        ends.pop()
+    if not ends or ends[-1][0] <= len(header) + 1:
         return False
     try:
-        compile("\n".join(lines) + "\n", "<generated>", "exec")
+        compile(text[: ends[-1][0]], "<generated>", "exec")
     except SyntaxError:
         return False
     return True
