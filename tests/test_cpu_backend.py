@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dsv3_rt
-from dsv3_rt.backends.cpu import CpuBackend
-from dsv3_rt.backends.cpu.formats import fp8_to_dense, quantize_int4, quantize_int8
+from dsv3_rt.backends.cpu import CpuBackend, native
+from dsv3_rt.backends.cpu.formats import fp8_to_dense, quantize_int4, quantize_int8, tile_int8, untile_int8
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import ExpertWeights, Kernels, RouterSpec
 from dsv3_rt.core.weights import dense, fp8_weight, quantize_fp8_block
@@ -51,6 +51,32 @@ def test_int8_bf16_scale_keeps_half_step():
     q = quantize_int8(w)
     assert q.scale.dtype == torch.bfloat16
     assert float((q.dequantize() - w).abs().max()) <= QUANT_STEP["int8"] * float(w.abs().max())
+
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"no C kernels here: {native.unavailable_reason()}")
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])  # the kernel shares one widened weight vector by up to 4 rows
+def test_int8_tiles_kernel_is_the_dequantised_matmul(m):
+    w = quantize_int8(torch.randn(3, 40, 208) * 0.02)  # a stack of 3 experts
+    tiles = tile_int8(w)
+    assert torch.equal(untile_int8(tiles.data), w.data) and torch.equal(tiles.dequantize(), w.dequantize())
+    from dsv3_rt.backends.cpu.matmul import int8_tiles_matmul
+
+    x = torch.randn(m, 208)
+    for e in range(3):  # fp32 activations and sums: only summation order differs from the dense fp32 matmul
+        want = x.double() @ w.dequantize()[e].double().T
+        torch.testing.assert_close(int8_tiles_matmul(x, tiles.data[e], tiles.scale[e]).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_without_native_kernels_keeps_torch_layout(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)
+    k = CpuBackend("int8")
+    w = k.prepare_weight(checkpoint_weight(64, 128, dtype="float32"), "linear")
+    assert w.format == "int8_rowwise"
+    x = torch.randn(2, 128)
+    close(k.linear(x, w), reference_for(k).linear(x, w), "int8")
 
 
 def test_fp8_table_dequant_matches_core():

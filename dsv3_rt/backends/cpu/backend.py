@@ -3,20 +3,25 @@
 Weight formats per `dtype` (converted one tensor at a time in `prepare_weight`; an FP8 checkpoint is
 dequantised tensor by tensor, never as a whole BF16 model):
 
-| dtype    | linear / experts                   | head         | embedding    | activations |
-|----------|------------------------------------|--------------|--------------|-------------|
-| int8     | int8 per-row, bf16 scale           | int8         | int8         | bf16        |
-| int4     | 4-bit per 64-group, bf16 scale+zero| int8         | int8         | bf16        |
-| bfloat16 | bf16                               | bf16         | bf16         | bf16        |
-| fp8      | FP8 e4m3 + 128x128 scales as shipped, widened on use | bf16 | bf16 | bf16        |
-| float32  | fp32                               | fp32         | fp32         | fp32        |
+| dtype    | linear / experts                      | head       | embedding | activations |
+|----------|---------------------------------------|------------|-----------|-------------|
+| int8     | int8 per-row, bf16 scale, 4x16 tiles* | int8 tiles*| int8      | fp32        |
+| int4     | 4-bit per 64-group, bf16 scale+zero   | int8 tiles*| int8      | bf16        |
+| bfloat16 | bf16                                  | bf16       | bf16      | bf16        |
+| fp8      | FP8 e4m3 + 128x128 scales as shipped, widened on use | bf16 | bf16 | bf16       |
+| float32  | fp32                                  | fp32       | fp32      | fp32        |
+
+*int8_tiles for the C kernel (`native/`) where it builds (AVX-512 and a C compiler), else int8_rowwise for
+torch's `_weight_int8pack_mm`: the same values and scales either way. int8 runs fp32 activations: the C
+kernel widens the weight to fp32 anyway, and at batch 1 torch's small bf16 ops (norms, attention over the
+latent, casts around every matmul) cost more than fp32 ones (measured on the bench preset: 44.8 -> 57.1 tok/s).
 
 `load(..., dtype="float32", activations="ggml-cpu")` keeps the fp32 weights and rounds each activation row
 as llama.cpp's CPU matmul does for the weight's stored GGUF type (`dsv3_rt.core.ggml_act`; MLA then runs
 the reference's llama.cpp form).
 
 The default is int8: at batch 1 decode reads every active weight once per token, int8 halves bf16's bytes
-and its per-row rounding stays inside the conformance tolerances of the bf16 activations it runs with;
+and its per-row rounding stays inside the conformance tolerances;
 int4 is faster still but moves logits several times more (it is a choice, not a default). The router
 stays fp32 and kv_b dense (both small), as in the reference.
 """
@@ -27,8 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dsv3_rt.backends.cpu import attention, moe
-from dsv3_rt.backends.cpu.formats import quantize_int4, quantize_int8
+from dsv3_rt.backends.cpu import attention, moe, native
+from dsv3_rt.backends.cpu.formats import can_tile, quantize_int4, quantize_int8, tile_int8
 from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
@@ -43,7 +48,7 @@ class CpuBackend(Kernels):
     priority = 10
     capabilities = Capabilities(
         compute_dtypes=("bfloat16", "float32"),
-        weight_formats=("f32", "bf16", "int8_rowwise", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
+        weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
         ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "mla_attention",
              "moe_experts", "dense_mlp", "sample"),
@@ -62,11 +67,12 @@ class CpuBackend(Kernels):
 
     @classmethod
     def device_name(cls) -> str:
-        return f"torch CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+        kernels = "C int8 kernel" if native.library() is not None else f"torch int8 kernels: {native.unavailable_reason()}"
+        return f"torch CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, {kernels})"
 
     @classmethod
     def compute_dtype_for(cls, dtype: str) -> torch.dtype:
-        return torch.float32 if dtype == "float32" else torch.bfloat16
+        return torch.float32 if dtype in ("float32", "int8") else torch.bfloat16
 
     def __init__(self, dtype: str = "int8", device: str | torch.device | None = None, **options: Any) -> None:
         super().__init__(dtype, device, **options)
@@ -86,7 +92,10 @@ class CpuBackend(Kernels):
         full = w.dequantize(torch.float32)
         if self.dtype == "int4" and usage in ("linear", "experts"):
             return quantize_int4(full)
-        return quantize_int8(full)  # int8, and the int4 model's head and embedding (as llama.cpp keeps Q6_K)
+        q = quantize_int8(full)  # int8, and the int4 model's head and embedding (as llama.cpp keeps Q6_K)
+        if usage != "embedding" and can_tile(q) and native.library() is not None:
+            return tile_int8(q)  # for the C kernel; the embedding stays row-major for its row gathers
+        return q
 
     def _widen(self, w: Weight) -> torch.Tensor:
         if w.format.startswith("fp8"):

@@ -1,6 +1,8 @@
 """The cpu backend's runtime weight formats, laid out for torch's CPU weight-only kernels.
 
 - "int8_rowwise" (the core format) with **bf16** scales: what `aten._weight_int8pack_mm` reads.
+- "int8_tiles" (registered here): the same values and scales with the rows interleaved in tiles of 4 rows x
+  16 columns, the layout the C kernel (`native/int8_tiles.c`) streams in address order.
 - "int4_cpu" (registered here): asymmetric 4-bit per group of `group` input channels, packed by
   `aten._convert_weight_to_int4pack_for_cpu` for `aten._weight_int4pack_mm_for_cpu`. Rows are padded to a
   multiple of 64 and columns to a multiple of the group (the kernel's constraints); `shape` stays logical.
@@ -35,6 +37,33 @@ def quantize_int8(w: torch.Tensor) -> Weight:
     scale = bf16_round_up(wf.abs().amax(dim=-1).clamp(min=1e-30) / 127.0)
     q = torch.round(wf / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
     return Weight("int8_rowwise", q.contiguous(), tuple(w.shape), scale.contiguous())
+
+
+TILE_ROWS, TILE_COLS = 4, 16
+
+
+def can_tile(w: Weight) -> bool:
+    return w.shape[-2] % TILE_ROWS == 0 and w.shape[-1] % TILE_COLS == 0
+
+
+def tile_int8(w: Weight) -> Weight:
+    """int8_rowwise [.., N, K] -> int8_tiles: byte order [.., N/4, K/16, 4, 16] (`can_tile(w)` must hold)."""
+    *lead, n, k = w.data.shape
+    tiles = w.data.view(*lead, n // TILE_ROWS, TILE_ROWS, k // TILE_COLS, TILE_COLS).transpose(-3, -2)
+    return Weight("int8_tiles", tiles.contiguous().view(*lead, n, k), w.shape, w.scale)
+
+
+def untile_int8(data: torch.Tensor) -> torch.Tensor:
+    """The [.., N, K] row-major int8 matrix an int8_tiles weight holds."""
+    *lead, n, k = data.shape
+    tiles = data.view(*lead, n // TILE_ROWS, k // TILE_COLS, TILE_ROWS, TILE_COLS)
+    return tiles.transpose(-3, -2).reshape(*lead, n, k)
+
+
+@register_format("int8_tiles")
+def _int8_tiles_dequant(w: Weight) -> torch.Tensor:
+    assert w.scale is not None
+    return untile_int8(w.data).float() * w.scale.float()[..., None]
 
 
 # --- int4 ---------------------------------------------------------------------------------------------------

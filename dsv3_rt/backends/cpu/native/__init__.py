@@ -1,0 +1,92 @@
+"""The cpu backend's C kernels: built once per machine with the system C compiler, loaded with ctypes.
+
+A plain C file and `cc -O3 -march=native -fopenmp` build in about a second, with no torch headers and nothing
+to do at install time. The library links the `libgomp.so.1` torch already loaded, so the kernels share torch's
+OpenMP thread team and thread count. When there is no compiler, the CPU lacks what a kernel needs (AVX-512F),
+or DSV3RT_NATIVE=0, `library()` is None, `unavailable_reason()` says why, and the backend keeps torch's
+kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCES = (Path(__file__).with_name("int8_tiles.c"),)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+_reason: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: $DSV3RT_CACHE, else $XDG_CACHE_HOME/dsv3_rt, else ~/.cache/dsv3_rt."""
+    root = os.environ.get("DSV3RT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv3_rt"
+    return Path(root) / "native"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCES into one shared library named by a hash of everything that shapes it (the source,
+    the flags, the compiler, the CPU -march=native targets); reuse it when it exists."""
+    key = hashlib.sha256()
+    for part in [s.read_bytes() for s in SOURCES] + [" ".join(FLAGS).encode(), compiler.encode(), _cpu_model().encode()]:
+        key.update(part)
+    out = cache_dir() / f"dsv3_rt_cpu_{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: ranks may race
+        tmp_out = Path(tmp) / out.name
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(tmp_out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"{compiler} failed")
+        os.replace(tmp_out, out)
+    return out
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (see `unavailable_reason`)."""
+    global _reason
+    if os.environ.get("DSV3RT_NATIVE", "1") == "0":
+        _reason = "disabled by DSV3RT_NATIVE=0"
+        return None
+    if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() not in ("AVX512",):
+        _reason = f"needs an x86-64 CPU with AVX-512 (this one: {platform.machine()}, torch sees {torch.backends.cpu.get_cpu_capability()})"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        _reason = "no C compiler (cc/gcc) on PATH"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError) as e:
+        _reason = f"could not build the C kernels: {e}"
+        return None
+    vp, long = ctypes.c_void_p, ctypes.c_long
+    lib.dsv3_int8_tiles_matmul.argtypes = [vp, vp, vp, vp, long, long, long]
+    lib.dsv3_int8_tiles_matmul.restype = None
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why `library()` is None (None when it loaded)."""
+    library()
+    return _reason
