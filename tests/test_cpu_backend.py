@@ -7,7 +7,8 @@ import torch
 
 import dsv3_rt
 from dsv3_rt.backends.cpu import CpuBackend, native
-from dsv3_rt.backends.cpu.formats import fp8_to_dense, quantize_int4, quantize_int8, tile_int8, untile_int8
+from dsv3_rt.backends.cpu.formats import (fp8_to_dense, quantize_int4, quantize_int4_tiles, quantize_int8, tile_int8,
+                                          untile_int8)
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import ExpertWeights, Kernels, RouterSpec
 from dsv3_rt.core.weights import dense, fp8_weight, quantize_fp8_block
@@ -68,6 +69,31 @@ def test_int8_tiles_kernel_is_the_dequantised_matmul(m):
     for e in range(3):  # fp32 activations and sums: only summation order differs from the dense fp32 matmul
         want = x.double() @ w.dequantize()[e].double().T
         torch.testing.assert_close(int8_tiles_matmul(x, tiles.data[e], tiles.scale[e]).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_int4_tiles_round_trip():
+    w = torch.randn(2, 48, 192) * 0.02
+    q = quantize_int4_tiles(w)
+    assert q.data.shape == (2, 3, 3, 576)
+    assert float((q.dequantize() - w).abs().max()) <= QUANT_STEP["int4"] * float(w.abs().max())
+    group = w[1, 16:32, 64:128]  # one tile: its 16 x 64 block dequantises from its own scale and minimum
+    assert torch.equal(q.dequantize()[1, 16:32, 64:128], quantize_int4_tiles(group).dequantize())
+
+
+@pytest.mark.skipif(not native.has_int4(), reason=f"no 4-bit VNNI kernel here: {native.unavailable_reason() or 'no AVX-512 VNNI'}")
+@pytest.mark.parametrize("m", [1, 2, 5, 130])
+def test_int4_tiles_kernel_is_llama_cpp_style_int8_activation_dot(m):
+    """The kernel rounds each 64-column group of x to int8 (step max|x| / 127, half to even) and sums exactly:
+    checked against that arithmetic written out in float64 on the dequantised weight."""
+    from dsv3_rt.backends.cpu.matmul import int4_tiles_matmul
+
+    q = quantize_int4_tiles(torch.randn(32, 256) * 0.02)
+    x = torch.randn(m, 256) * torch.rand(m, 256)  # uneven magnitudes across groups
+    groups = x.view(m, 4, 64)
+    amax = groups.abs().amax(-1, keepdim=True)
+    rounded = torch.round(groups * (127.0 / amax)) * (amax / 127.0)
+    want = rounded.view(m, 256).double() @ q.dequantize().double().T
+    torch.testing.assert_close(int4_tiles_matmul(x, q.data, 32).double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_int8_without_native_kernels_keeps_torch_layout(monkeypatch):

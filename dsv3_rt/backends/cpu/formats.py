@@ -3,6 +3,8 @@
 - "int8_rowwise" (the core format) with **bf16** scales: what `aten._weight_int8pack_mm` reads.
 - "int8_tiles" (registered here): the same values and scales with the rows interleaved in tiles of 4 rows x
   16 columns, the layout the C kernel (`native/int8_tiles.c`) streams in address order.
+- "int4_tiles" (registered here): 4-bit per 64-group with bf16 scale and minimum, w = q * scale + min, in
+  tiles of 16 rows x 64 columns of 576 bytes each (scales, minimums, nibbles; see `native/int4_tiles.c`).
 - "int4_cpu" (registered here): asymmetric 4-bit per group of `group` input channels, packed by
   `aten._convert_weight_to_int4pack_for_cpu` for `aten._weight_int4pack_mm_for_cpu`. Rows are padded to a
   multiple of 64 and columns to a multiple of the group (the kernel's constraints); `shape` stays logical.
@@ -14,6 +16,7 @@ reads is the scale the values were rounded for (no clipping, no second rounding)
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +69,111 @@ def _int8_tiles_dequant(w: Weight) -> torch.Tensor:
     return untile_int8(w.data).float() * w.scale.float()[..., None]
 
 
+# --- converting at load a few rows at a time ------------------------------------------------------------------
+#: fp32 bytes one load-time conversion step holds: converting a whole matrix at once (fp32 copy, quotient,
+#: rounding) cost 3 x 256 MiB for the bench preset's 32768 x 2048 head and was the peak of loading
+CHUNK_BYTES = 8 << 20
+_ROW_SLICEABLE = ("f32", "bf16", "f16", "int8_rowwise")  # data [N, K] and scale [N] (if any) by row
+
+
+def row_blocks(w: Weight, align: int = 1) -> Iterator[tuple[tuple[int, ...], int, int, Weight]]:
+    """(expert index (empty for a matrix), r0, r1, rows r0:r1 of that matrix as a Weight of w's format): w in
+    pieces of about CHUNK_BYTES as fp32, each piece `align` rows (and, for FP8, whole scale blocks) aligned.
+    A format whose rows cannot be cut yields whole matrices (experts are dim 0 of data and scale in every format)."""
+    if len(w.shape) > 2:
+        for e in range(w.shape[0]):
+            one = Weight(w.format, w.data[e], tuple(w.shape[1:]), None if w.scale is None else w.scale[e], w.meta)
+            for idx, r0, r1, part in row_blocks(one, align):
+                yield (e, *idx), r0, r1, part
+        return
+    n, k = w.shape
+    fp8 = w.format.startswith("fp8")
+    unit = math.lcm(align, tuple(w.meta.get("block", FP8_BLOCK))[0]) if fp8 else align
+    step = max(unit, CHUNK_BYTES // (4 * k) // unit * unit)
+    if (w.format not in _ROW_SLICEABLE and not fp8) or tuple(w.data.shape) != (n, k) or step >= n:
+        yield (), 0, n, w
+        return
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        if w.scale is None:
+            scale = None
+        elif fp8:
+            bn = tuple(w.meta.get("block", FP8_BLOCK))[0]
+            scale = w.scale[r0 // bn: -(-r1 // bn)]
+        else:
+            scale = w.scale[r0:r1]
+        yield (), r0, r1, Weight(w.format, w.data[r0:r1], (r1 - r0, k), scale, w.meta)
+
+
+def quantize_int8_weight(w: Weight, tiled: bool) -> Weight:
+    """`quantize_int8(w.dequantize(float32))` (then `tile_int8` if `tiled`), bit for bit, a few rows at a time
+    into the final buffers: loading holds the checkpoint tensor, its int8 form and one CHUNK_BYTES step."""
+    *lead, n, k = w.shape
+    data = torch.empty(*lead, n, k, dtype=torch.int8)
+    scale = torch.empty(*lead, n, dtype=torch.bfloat16)
+    for idx, r0, r1, part in row_blocks(w, TILE_ROWS if tiled else 1):
+        q = quantize_int8(part.dequantize(torch.float32))
+        scale[idx][r0:r1] = q.scale
+        if tiled:  # rows r0:r1 (r0 % 4 == 0) are one contiguous run of whole tiles
+            tiles = q.data.view((r1 - r0) // TILE_ROWS, TILE_ROWS, k // TILE_COLS, TILE_COLS).transpose(1, 2)
+            data[idx].view(n // TILE_ROWS, k // TILE_COLS, TILE_ROWS, TILE_COLS)[r0 // TILE_ROWS: r1 // TILE_ROWS] = tiles
+        else:
+            data[idx][r0:r1] = q.data
+    return Weight("int8_tiles" if tiled else "int8_rowwise", data, tuple(w.shape), scale)
+
+
+def convert_rows(w: Weight, dtype: torch.dtype, convert: Callable[[Weight], torch.Tensor]) -> torch.Tensor:
+    """`convert(w)` (a dense `dtype` tensor of w's shape, computed elementwise) built a few rows at a time."""
+    out = None
+    for idx, r0, r1, part in row_blocks(w):
+        if part is w:  # in one piece
+            return convert(w)
+        if out is None:
+            out = torch.empty(tuple(w.shape), dtype=dtype)
+        out[idx][r0:r1] = convert(part)
+    return out
+
+
 # --- int4 ---------------------------------------------------------------------------------------------------
+INT4_TILE_ROWS, INT4_TILE_BYTES = 16, 576
+
+
+def can_tile_int4(w: torch.Tensor) -> bool:
+    return w.shape[-2] % INT4_TILE_ROWS == 0 and w.shape[-1] % INT4_GROUP == 0
+
+
+def quantize_int4_tiles(w: torch.Tensor) -> Weight:
+    """[.., N, K] float -> Weight("int4_tiles"), data uint8 [.., N/16, K/64, 576] (`can_tile_int4(w)` must hold).
+
+    min is the group minimum rounded down to bf16 and scale (max - min) / 15 rounded up, so every weight
+    lands on 0..15 without clipping."""
+    *lead, n, k = w.shape
+    groups = w.float().reshape(*lead, n // INT4_TILE_ROWS, INT4_TILE_ROWS, k // INT4_GROUP, INT4_GROUP).transpose(-3, -2)
+    lo, hi = groups.amin(-1), groups.amax(-1)  # [.., N/16, K/64, 16]
+    low = lo.to(torch.bfloat16)
+    low = torch.where(low.float() > lo, torch.nextafter(low, torch.full_like(low, float("-inf"))), low)
+    scale = bf16_round_up(((hi - low.float()) / 15.0).clamp(min=1e-30))
+    q = torch.round((groups - low.float()[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.unflatten(-1, (8, 2, 4)).transpose(-4, -3)  # [.., j, r, half, i]: chunk j, row r, column 8j + 4 half + i
+    nibbles = q[..., 0, :] | (q[..., 1, :] << 4)  # [.., 8, 16, 4]: byte 4r + i of chunk j
+    as_bytes = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
+    data = torch.cat([as_bytes(scale), as_bytes(low), nibbles.flatten(-3)], dim=-1)
+    return Weight("int4_tiles", data.contiguous(), tuple(w.shape))
+
+
+@register_format("int4_tiles")
+def _int4_tiles_dequant(w: Weight) -> torch.Tensor:
+    *lead, n, k = w.shape
+    rows = INT4_TILE_ROWS
+    scale = w.data[..., : 2 * rows].contiguous().view(torch.bfloat16).float()  # [.., N/16, K/64, 16]
+    low = w.data[..., 2 * rows: 4 * rows].contiguous().view(torch.bfloat16).float()
+    nibbles = w.data[..., 4 * rows:].unflatten(-1, (8, rows, 4))  # [.., j, r, i]
+    q = torch.stack([nibbles & 15, nibbles >> 4], dim=-2).transpose(-4, -3)  # [.., r, j, half, i]
+    full = q.flatten(-3).float() * scale[..., None] + low[..., None]  # [.., N/16, K/64, 16, 64]
+    return full.transpose(-3, -2).reshape(*lead, n, k)
+
+
+# --- int4 (torch's CPU layout, where the int4_tiles kernel is missing) -----------------------------------------
 def _int4_pack_one(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One [N, K] fp32 matrix -> (packed uint8 [Np, Kp/2], scales_and_zeros bf16 [Kp/g, Np, 2])."""
     n, k = w.shape

@@ -1,10 +1,10 @@
 """The cpu backend's C kernels: built once per machine with the system C compiler, loaded with ctypes.
 
-A plain C file and `cc -O3 -march=native -fopenmp` build in about a second, with no torch headers and nothing
+Plain C files and `cc -O3 -march=native -fopenmp` build in about a second, with no torch headers and nothing
 to do at install time. The library links the `libgomp.so.1` torch already loaded, so the kernels share torch's
-OpenMP thread team and thread count. When there is no compiler, the CPU lacks what a kernel needs (AVX-512F),
-or DSV3RT_NATIVE=0, `library()` is None, `unavailable_reason()` says why, and the backend keeps torch's
-kernels.
+OpenMP thread team and thread count. When there is no compiler, the CPU lacks AVX-512, or DSV3RT_NATIVE=0,
+`library()` is None, `unavailable_reason()` says why, and the backend keeps torch's kernels; the 4-bit kernel
+also needs AVX-512 VNNI (`has_int4()`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("int8_tiles.c"),)
+SOURCES = (Path(__file__).with_name("int8_tiles.c"), Path(__file__).with_name("int4_tiles.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _reason: str | None = None
@@ -83,7 +83,16 @@ def library() -> ctypes.CDLL | None:
     vp, long = ctypes.c_void_p, ctypes.c_long
     lib.dsv3_int8_tiles_matmul.argtypes = [vp, vp, vp, vp, long, long, long]
     lib.dsv3_int8_tiles_matmul.restype = None
+    if hasattr(lib, "dsv3_int4_tiles_matmul"):  # compiled only where the CPU has AVX-512 VNNI
+        lib.dsv3_int4_tiles_matmul.argtypes = [vp, vp, vp, long, long, long]
+        lib.dsv3_int4_tiles_matmul.restype = None
     return lib
+
+
+def has_int4() -> bool:
+    """Whether the 4-bit (VNNI) kernel is there."""
+    lib = library()
+    return lib is not None and hasattr(lib, "dsv3_int4_tiles_matmul")
 
 
 def unavailable_reason() -> str | None:

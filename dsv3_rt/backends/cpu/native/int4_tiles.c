@@ -1,0 +1,98 @@
+/* y = x @ W.T for a 4-bit weight stored in tiles of 16 rows x 64 columns ("int4_tiles"), with AVX-512 VNNI.
+ *
+ * A tile is 576 bytes: the 16 rows' bf16 scales, their bf16 minimums, then 8 chunks of 64 bytes; byte 4r + i
+ * of chunk j holds q[r][8j + i] (low nibble) and q[r][8j + 4 + i] (high nibble), w = q * scale + min. Each
+ * activation row is rounded to int8 per group of 64 columns (x ~ dx * xq, as llama.cpp rounds activations to
+ * Q8 for its 4-bit dot products); one vpdpbusd then multiplies 4 columns of all 16 rows by 4 activations and
+ * sums them exactly in int32:
+ *   y[r] = sum_g dx_g * (scale[r][g] * sum_c q[r][c] * xq[c] + min[r][g] * sum_c xq[c]).
+ * The tiles of one thread are read in address order.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+
+#define ROWS 16
+#define GROUP 64
+#define TILE_BYTES (2 * ROWS * 2 + ROWS * GROUP / 2) /* scales, minimums, nibbles: 576 */
+#define MAX_M 4
+
+static inline __m512 bf16x16_to_ps(const uint8_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Round each row of x to int8 per group: xq, dx (the group's step) and the group's sum of xq. */
+static void quantize_rows(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum) {
+    for (long g = 0; g < m * k / GROUP; g++) {
+        const float *v = x + g * GROUP;
+        float amax = 0.0f;
+        for (int c = 0; c < GROUP; c++) amax = fmaxf(amax, fabsf(v[c]));
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t s = 0;
+        for (int c = 0; c < GROUP; c++) {
+            int q = (int)nearbyintf(v[c] * inv);
+            xq[g * GROUP + c] = (int8_t)q;
+            s += q;
+        }
+        dx[g] = amax / 127.0f;
+        xsum[g] = s;
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_rows(const uint8_t *tile, const int8_t *xq,
+        const float *dx, const int32_t *xsum, float *y, long n, long k, long n0, long m0, const int mb) {
+    const long groups = k / GROUP;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 out[MAX_M];
+    for (int m = 0; m < mb; m++) out[m] = _mm512_setzero_ps();
+    for (long g = 0; g < groups; g++) {
+        const uint8_t *p = tile + g * TILE_BYTES;
+        __m512i acc[MAX_M];
+        for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            __m512i v = _mm512_loadu_si512(p + 2 * ROWS * 2 + 64 * j);
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            for (int m = 0; m < mb; m++) {
+                const int8_t *a = xq + (m0 + m) * k + g * GROUP + 8 * j;
+                acc[m] = _mm512_dpbusd_epi32(acc[m], lo, _mm512_set1_epi32(*(const int32_t *)a));
+                acc[m] = _mm512_dpbusd_epi32(acc[m], hi, _mm512_set1_epi32(*(const int32_t *)(a + 4)));
+            }
+        }
+        __m512 scale = bf16x16_to_ps(p), mins = bf16x16_to_ps(p + 2 * ROWS);
+        for (int m = 0; m < mb; m++) {
+            long gi = (m0 + m) * groups + g;
+            out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_mul_ps(scale, _mm512_set1_ps(dx[gi])), out[m]);
+            out[m] = _mm512_fmadd_ps(mins, _mm512_set1_ps(dx[gi] * (float)xsum[gi]), out[m]);
+        }
+    }
+    for (int m = 0; m < mb; m++) _mm512_storeu_ps(y + (m0 + m) * n + n0, out[m]);
+}
+
+/* x [m, k] fp32, tiles [n/16, k/64, 576] bytes, y [m, n] fp32; n % 16 == 0, k % 64 == 0. */
+void dsv3_int4_tiles_matmul(const float *x, const uint8_t *tiles, float *y, long m, long n, long k) {
+    int8_t *xq = malloc(m * k);
+    float *dx = malloc(m * k / GROUP * sizeof(float));
+    int32_t *xsum = malloc(m * k / GROUP * sizeof(int32_t));
+    quantize_rows(x, m, k, xq, dx, xsum);
+    const long tile_stride = k / GROUP * TILE_BYTES;
+    #pragma omp parallel for schedule(static) if (n * k * m >= 65536)
+    for (long b = 0; b < n / ROWS; b++) {
+        const uint8_t *tile = tiles + b * tile_stride;
+        long m0 = 0;
+        for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, MAX_M);
+        switch (m - m0) {
+            case 3: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 3); break;
+            case 2: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 2); break;
+            case 1: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 1); break;
+        }
+    }
+    free(xq);
+    free(dx);
+    free(xsum);
+}
+
+#endif
