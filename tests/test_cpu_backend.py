@@ -54,6 +54,18 @@ def test_int8_bf16_scale_keeps_half_step():
     assert float((q.dequantize() - w).abs().max()) <= QUANT_STEP["int8"] * float(w.abs().max())
 
 
+def test_native_kernels_build_where_they_can():
+    """Where the CPU has AVX-512 and there is a C compiler the kernels must build: a build error must not
+    quietly turn into torch fallbacks and skipped tests."""
+    import shutil
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no AVX-512 or no C compiler here: the backend runs torch's kernels")
+    if native.unavailable_reason() == "disabled by DSV3RT_NATIVE=0":
+        pytest.skip("disabled by DSV3RT_NATIVE=0")
+    assert native.library() is not None, native.unavailable_reason()
+
+
 needs_native = pytest.mark.skipif(native.library() is None, reason=f"no C kernels here: {native.unavailable_reason()}")
 
 
@@ -87,11 +99,13 @@ def test_int4_tiles_kernel_is_llama_cpp_style_int8_activation_dot(m):
     checked against that arithmetic written out in float64 on the dequantised weight."""
     from dsv3_rt.backends.cpu.matmul import int4_tiles_matmul
 
+    torch.manual_seed(m)
     q = quantize_int4_tiles(torch.randn(32, 256) * 0.02)
     x = torch.randn(m, 256) * torch.rand(m, 256)  # uneven magnitudes across groups
     groups = x.view(m, 4, 64)
     amax = groups.abs().amax(-1, keepdim=True)
-    rounded = torch.round(groups * (127.0 / amax)) * (amax / 127.0)
+    step_inverse = torch.full_like(amax, 127.0) / amax  # as C computes it (torch's 127.0 / t is 127 * (1 / t))
+    rounded = torch.round(groups * step_inverse) * (amax / 127.0)
     want = rounded.view(m, 256).double() @ q.dequantize().double().T
     torch.testing.assert_close(int4_tiles_matmul(x, q.data, 32).double(), want, atol=1e-5, rtol=1e-5)
 

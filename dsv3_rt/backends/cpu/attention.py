@@ -15,6 +15,9 @@ from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import LatentCache
 from dsv3_rt.core.weights import Weight
 
+#: fp32 attention scores a fresh prompt's attention materialises at once (see `_naive_causal`)
+SCORES_BYTES = 16 << 20
+
 
 def new_fused_cache(layers: int, slots: int, max_len: int, r: int, dr: int, dtype: torch.dtype,
                     device: torch.device) -> LatentCache:
@@ -80,5 +83,15 @@ def _naive_causal(qn: torch.Tensor, qp: torch.Tensor, keys: torch.Tensor, w_uk: 
     v = torch.matmul(latent, w_uv_t)  # [H, L, dv]
     k = torch.cat([k_nope, k_pe.expand(heads, n, k_pe.shape[-1])], dim=-1)
     q = torch.cat([qn, qp.to(qn.dtype)], dim=-1).transpose(0, 1)  # [H, n, dn + dr]
-    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
-    return o[0].transpose(0, 1)
+    # dn + dr != dv rules out the flash kernel, so SDPA materialises fp32 scores [H, n, n] (and their softmax):
+    # 2 x 64 MiB at 1024 tokens x 16 heads. Heads are independent: run them in groups of SCORES_BYTES.
+    group = heads if heads * n * n * 4 <= SCORES_BYTES else max(1, SCORES_BYTES // (n * n * 4))
+    if group >= heads:
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
+        return o[0].transpose(0, 1)
+    out = torch.empty(n, heads, v.shape[-1], dtype=v.dtype, device=v.device)
+    for h in range(0, heads, group):
+        o = F.scaled_dot_product_attention(q[None, h:h + group], k[None, h:h + group], v[None, h:h + group],
+                                           is_causal=True, scale=scale)
+        out[:, h:h + group] = o[0].transpose(0, 1)
+    return out

@@ -32,14 +32,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dsv3_rt.backends.cpu import attention, moe, native
+from dsv3_rt.backends.cpu import attention, moe, native, small_ops
 from dsv3_rt.backends.cpu.formats import (can_tile, can_tile_int4, convert_rows, fp8_to_dense, quantize_int4, quantize_int4_tiles,
                                           quantize_int8_weight)
 from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
-from dsv3_rt.core.kernels import Capabilities, ExpertWeights, Kernels, LatentCache
+from dsv3_rt.core.kernels import Capabilities, ExpertWeights, Kernels, LatentCache, RouterSpec
 from dsv3_rt.core.weights import Weight, dense
 
 
@@ -52,7 +52,7 @@ class CpuBackend(Kernels):
         weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
         ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "mla_attention",
-             "moe_experts", "dense_mlp", "sample"),
+             "moe_route", "moe_experts", "dense_mlp", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
         features=("mla.absorb", "mla.fused_latent_cache", "moe.grouped_by_expert", ggml_act.FEATURE),
@@ -122,12 +122,20 @@ class CpuBackend(Kernels):
         if self.activations == "ggml-cpu":
             return ggml_act.rms_norm(x, weight, eps)
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight.float(), eps)
+            y = small_ops.rms_norm(x, weight, eps)
+            return F.rms_norm(x, (x.shape[-1],), weight.float(), eps) if y is None else y
         return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight.to(x.dtype)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = None if self.activations == "ggml-cpu" else small_ops.add_rms_norm(x, residual, weight, eps)
+        if fused is not None:
+            return fused
         s = x + residual
         return self.rms_norm(s, weight, eps), s
+
+    def moe_route(self, x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        routed = None if ggml_act.KEY in gate.meta else small_ops.moe_route(x, gate, bias, spec)
+        return super().moe_route(x, gate, bias, spec) if routed is None else routed
 
     def linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         return matmul(x, w)
@@ -159,7 +167,7 @@ class CpuBackend(Kernels):
         return moe.moe_experts(x, weights, ids, experts)
 
     def dense_mlp(self, x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
-        return matmul(F.silu(matmul(x, gate)) * matmul(x, up), down)
+        return moe.dense_mlp(x, gate, up, down)
 
     def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                uniform: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,13 @@ int8 weights are widened to bf16 for oneDNN's AVX512_BF16 GEMM, which beats the 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import native
-from dsv3_rt.backends.cpu.formats import INT4_TILE_BYTES, fp8_to_dense, untile_int8
+from dsv3_rt.backends.cpu.formats import INT4_TILE_BYTES, TILE_ROWS, fp8_to_dense, row_blocks, untile_int8
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.weights import Weight
 
@@ -20,6 +22,10 @@ WIDEN_ROWS = 128
 #: the same for int8_tiles: the C kernel widens each weight vector once for every 4 rows, so from about 32 rows
 #: on oneDNN's bf16 GEMM is faster (measured: N=5632, K=2048, 2 threads: 32 rows 4.3 vs 3.2 ms; 16: 2.3 vs 5.7)
 TILES_WIDEN_ROWS = 32
+#: bf16 bytes of weight one widening step holds: widening a whole matrix made a bf16 copy (and an untiled int8
+#: one) per call, 33 MiB for a 5632 x 2048 MLP matrix. Measured (1024 rows, that matrix, 1 thread, CPU time):
+#: whole 121 ms, 8 MiB slices 121 ms, 4 MiB 124, 2 MiB 128 (the output is written slice by slice)
+WIDEN_BYTES = 8 << 20
 
 
 def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tensor:
@@ -37,7 +43,9 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
         return F.linear(x, data if data.dtype == x.dtype else data.to(x.dtype))
     if fmt == "int8_tiles":
         if x.shape[0] >= TILES_WIDEN_ROWS:
-            return (F.linear(x.to(torch.bfloat16), untile_int8(data).to(torch.bfloat16)) * scale).to(x.dtype)
+            xb = x.to(torch.bfloat16)
+            return _by_rows(x, n, _widen_step(k, TILE_ROWS),
+                            lambda r0, r1: F.linear(xb, untile_int8(data[r0:r1]).to(torch.bfloat16)) * scale[r0:r1])
         return int8_tiles_matmul(x, data, scale).to(x.dtype)
     if fmt == "int4_tiles":  # at every batch size: its int8 dot products outrun widening to bf16 for oneDNN
         return int4_tiles_matmul(x, data, n).to(x.dtype)  # (N=5632, K=2048, 1024 rows: 40 vs 63 ms for int8)
@@ -45,10 +53,8 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
         xb = x.to(torch.bfloat16).contiguous()
         if x.shape[0] >= WIDEN_ROWS or k % 16:  # int8 -> bf16 is exact; the row scale applies to the output
             # columns. (The int8 kernel needs K % 16 == 0: it reads garbage or crashes otherwise.)
-            y = F.linear(xb, data.to(torch.bfloat16)) * scale
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(xb, data, scale)
-        return y.to(x.dtype)
+            return _by_rows(x, n, _widen_step(k), lambda r0, r1: F.linear(xb, data[r0:r1].to(torch.bfloat16)) * scale[r0:r1])
+        return torch.ops.aten._weight_int8pack_mm(xb, data, scale).to(x.dtype)
     if fmt == "int4_cpu":
         if x.shape[0] >= WIDEN_ROWS:
             one = Weight(fmt, data, (n, k), scale, w.meta)
@@ -61,8 +67,28 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
     one = Weight(fmt, data, (n, k), scale, w.meta)
     if fmt.startswith("fp8"):
         wide = torch.float32 if x.dtype == torch.float32 or x.shape[0] < WIDEN_ROWS else torch.bfloat16
-        return F.linear(x.to(wide), fp8_to_dense(one, wide)).to(x.dtype)  # fp32 gemv is the faster one at m=1
+        xw = x.to(wide)  # fp32 gemv is the faster one at m=1; widened a few whole blocks of rows at a time
+        y = torch.empty(x.shape[0], n, dtype=x.dtype)
+        for _, r0, r1, part in row_blocks(one):
+            y[:, r0:r1] = F.linear(xw, fp8_to_dense(part, wide))
+        return y
     return F.linear(x.float(), one.dequantize(torch.float32)).to(x.dtype)
+
+
+def _widen_step(k: int, align: int = 1) -> int:
+    return max(align, WIDEN_BYTES // (2 * k) // align * align)
+
+
+def _by_rows(x: torch.Tensor, n: int, step: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """[M, N] in x's dtype with columns r0:r1 = rows(r0, r1), x times rows r0:r1 of the weight. A column of a GEMM
+    sums the same products in the same order whichever other columns it computes with (checked bit for bit
+    against the whole-matrix product in tests/test_cpu_backend.py), so only the widened copy gets smaller."""
+    if step >= n:
+        return rows(0, n).to(x.dtype)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for r0 in range(0, n, step):
+        y[:, r0:r0 + step] = rows(r0, min(n, r0 + step))
+    return y
 
 
 def int8_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,44 @@
-"""Routed experts on the CPU: only the selected experts run, each once over all the tokens that chose it.
+"""SwiGLU MLPs on the CPU: dense ones and routed experts, where only the selected experts run, each once over
+all the tokens that chose it.
 
-Tokens are grouped by expert with one stable sort and one bincount (no loop over the experts a layer has,
-no per-expert mask); the few tokens of a decode step or an MTP verification are grouped in Python
-instead, which costs less than those kernels. An expert several tokens share runs once. Results accumulate
-in fp32.
+With tiled weights (int8_tiles / int4_tiles) a dense MLP, and the routed experts of a step with few tokens (a
+decode step, an MTP verification), are one call into the C kernels (`native/mlp.c`): no interpreter time per
+expert. Otherwise tokens are grouped by expert with one stable sort and one bincount (no loop over the experts a
+layer has, no per-expert mask), or in Python for a few tokens, which costs less than those kernels. Results
+accumulate in fp32.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from dsv3_rt.backends.cpu import native
 from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.core.kernels import ExpertWeights
+from dsv3_rt.core.weights import Weight
 
-FEW_SELECTIONS = 16  # up to this many (token, expert) pairs take the Python-grouped path
+FEW_SELECTIONS = 16  # up to this many (token, expert) pairs take the C or the Python-grouped path
+_TILED_BITS = {"int8_tiles": 8, "int4_tiles": 4}
+
+
+def _tiled_bits(*ws: Weight) -> int | None:
+    """8 or 4 when all of ws are in the same tiled format (what the C MLP reads), else None."""
+    bits = {_TILED_BITS.get(w.format) for w in ws}
+    return bits.pop() if len(bits) == 1 and None not in bits else None
+
+
+def _pointers(*ws: Weight) -> list[int | None]:
+    return [p for w in ws for p in (w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr())]
+
+
+def dense_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
+    bits = _tiled_bits(gate, up, down)
+    if bits is None or x.shape[0] >= FEW_SELECTIONS:  # many rows: int8 widens to bf16 for oneDNN in matmul
+        return matmul(F.silu(matmul(x, gate)) * matmul(x, up), down)
+    xf = x.float().contiguous()
+    y = torch.empty_like(xf)
+    native.library().dsv3_mlp(bits, xf.data_ptr(), xf.shape[0], xf.shape[1], gate.shape[-2], *_pointers(gate, up, down), y.data_ptr())
+    return y.to(x.dtype)
 
 
 def _expert(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
@@ -24,7 +49,8 @@ def _expert(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     t, k = ids.shape
     if t * k <= FEW_SELECTIONS:
-        return _few_tokens(x, weights, ids, experts)
+        bits = _tiled_bits(experts.gate, experts.up, experts.down)
+        return _few_tokens(x, weights, ids, experts) if bits is None else _native(x, weights, ids, experts, bits)
     count = experts.count
     flat = (ids - experts.first).flatten()
     flat = torch.where((flat >= 0) & (flat < count), flat, count)  # other ranks' experts sort last
@@ -57,4 +83,13 @@ def _few_tokens(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
             rows = torch.tensor([r for r, _ in members], device=x.device)
             scale = torch.tensor([w for _, w in members], dtype=torch.float32, device=x.device)
             out.index_add_(0, rows, _expert(x[rows], experts, e).float() * scale[:, None])
+    return out.to(x.dtype)
+
+
+def _native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights, bits: int) -> torch.Tensor:
+    xf, w, i = x.float().contiguous(), weights.float().contiguous(), ids.to(torch.int64).contiguous()
+    out = torch.empty_like(xf)
+    native.library().dsv3_moe_experts(bits, xf.data_ptr(), i.data_ptr(), w.data_ptr(), *ids.shape, experts.first, experts.count,
+                                      xf.shape[1], experts.gate.shape[-2], *_pointers(experts.gate, experts.up, experts.down),
+                                      out.data_ptr())
     return out.to(x.dtype)

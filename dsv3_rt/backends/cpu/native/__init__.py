@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("int8_tiles.c"), Path(__file__).with_name("int4_tiles.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("int8_tiles.c", "int4_tiles.c", "mlp.c", "ops.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _reason: str | None = None
@@ -56,7 +56,8 @@ def _build(compiler: str) -> Path:
         tmp_out = Path(tmp) / out.name
         done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(tmp_out)], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"{compiler} failed")
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or [f"{compiler} failed"]
+            raise RuntimeError(errors[0])
         os.replace(tmp_out, out)
     return out
 
@@ -83,6 +84,14 @@ def library() -> ctypes.CDLL | None:
     vp, long = ctypes.c_void_p, ctypes.c_long
     lib.dsv3_int8_tiles_matmul.argtypes = [vp, vp, vp, vp, long, long, long]
     lib.dsv3_int8_tiles_matmul.restype = None
+    lib.dsv3_mlp.argtypes = [ctypes.c_int, vp, long, long, long] + [vp] * 7
+    lib.dsv3_moe_experts.argtypes = [ctypes.c_int, vp, vp, vp] + [long] * 6 + [vp] * 7
+    lib.dsv3_mlp.restype = lib.dsv3_moe_experts.restype = None
+    f32 = ctypes.c_float
+    lib.dsv3_rms_norm.argtypes = [vp, vp, vp, long, long, f32]
+    lib.dsv3_add_rms_norm.argtypes = [vp, vp, vp, vp, vp, long, long, f32]
+    lib.dsv3_moe_route.argtypes = [vp, vp, vp] + [long] * 6 + [ctypes.c_int] * 3 + [f32, vp, vp]
+    lib.dsv3_rms_norm.restype = lib.dsv3_add_rms_norm.restype = lib.dsv3_moe_route.restype = None
     if hasattr(lib, "dsv3_int4_tiles_matmul"):  # compiled only where the CPU has AVX-512 VNNI
         lib.dsv3_int4_tiles_matmul.argtypes = [vp, vp, vp, long, long, long]
         lib.dsv3_int4_tiles_matmul.restype = None
