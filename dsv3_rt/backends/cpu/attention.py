@@ -4,13 +4,15 @@ The cache of a layer is one buffer [slots, max_len, r + dr] (latent, then the ro
 `LatentCache.kv` / `.pe` entries as views into it, so the keys of the absorbed form are one contiguous
 matrix. Decode and chunks on a cached prefix use the absorbed form (attend over the latent: MQA with
 head dim r + dr); a fresh prompt uses the naive form through `scaled_dot_product_attention` (causal MHA with
-head dim dn + dr, cheaper when every key is new). W_UK / W_UV are split from kv_b once per weight.
+head dim dn + dr, cheaper when every key is new). W_UK / W_UV are split from kv_b once per weight. In fp32 the
+absorbed form is one C call per sequence (`small_ops.mla_absorbed`) instead of a dozen small torch ops.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from dsv3_rt.backends.cpu import small_ops
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import LatentCache
 from dsv3_rt.core.weights import Weight
@@ -61,6 +63,10 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_
         keys = _keys(cache, layer, slot, start + n).to(dtype)  # [L, r + dr]
         if start == 0 and n > 1:
             out[off:off + n] = _naive_causal(qn, qp, keys, w_uk, w_uv_t, scale)
+            continue
+        fast = small_ops.mla_absorbed(qn, qp, w_uk, w_uv_t, keys, start, scale)  # fp32: one C call
+        if fast is not None:
+            out[off:off + n] = fast
             continue
         q_abs = torch.bmm(qn.transpose(0, 1), w_uk)  # [H, n, r]
         q = torch.cat([q_abs, qp.transpose(0, 1).to(dtype)], dim=-1)  # [H, n, r + dr]

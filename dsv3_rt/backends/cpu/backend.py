@@ -144,6 +144,9 @@ class CpuBackend(Kernels):
         """As the reference, with cos/sin as one complex factor computed once per forward (every layer
         ropes the same positions twice)."""
         rot = self._rotation(positions, inv_freq, attention_factor)  # [T, d/2] complex64
+        fast = small_ops.rope(x, rot)
+        if fast is not None:
+            return fast
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (rot.shape[-1],)
         pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
         return torch.view_as_real(pairs * rot.view(shape)).flatten(-2).to(x.dtype)

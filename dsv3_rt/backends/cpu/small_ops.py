@@ -1,4 +1,5 @@
-"""rms_norm, add_rms_norm and the MoE router of a decode step through the C kernels (`native/ops.c`).
+"""rms_norm, add_rms_norm, rope, the MoE router and absorbed MLA of a decode step through the C kernels
+(`native/ops.c`).
 
 Each takes fp32 and returns None where it does not apply (no C kernels, another dtype, many tokens), so the
 backend falls back to torch."""
@@ -18,7 +19,12 @@ _GROUP_SCORE = {"top2_sum": 0, "max": 1, "none": 2}
 
 
 def _fp32(*ts: torch.Tensor) -> bool:
-    return native.library() is not None and all(t.dtype == torch.float32 for t in ts)
+    if native.library() is None:
+        return False
+    for t in ts:
+        if t.dtype != torch.float32:
+            return False
+    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -53,3 +59,29 @@ def moe_route(x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: Ro
                                     spec.n_group, spec.topk_group, _SCORING[spec.scoring], _GROUP_SCORE[spec.group_score],
                                     int(spec.normalize), spec.scaling, weights.data_ptr(), ids.data_ptr())
     return weights, ids
+
+
+def rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor | None:
+    """x [T, .., d] fp32 with pairs (x[2j], x[2j+1]) rotated by rotation [T, d/2] complex64."""
+    if x.dtype != torch.float32 or native.library() is None:
+        return None
+    xc, cs = x.contiguous(), torch.view_as_real(rotation).contiguous()
+    y = torch.empty_like(xc)
+    t, d = xc.shape[0], xc.shape[-1]
+    native.library().dsv3_rope(xc.data_ptr(), cs.data_ptr(), y.data_ptr(), t, xc.numel() // (t * d), d)
+    return y
+
+
+def mla_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor, keys: torch.Tensor,
+                 start: int, scale: float) -> torch.Tensor | None:
+    """[n, H, dv]: the n tokens at positions start .. start + n - 1 of one sequence over its cached keys
+    [start + n, r + dr] (see dsv3_mla_absorbed)."""
+    if not _fp32(q_nope, q_pe, w_uk, w_uv_t, keys):
+        return None
+    qn, qp, k = q_nope.contiguous(), q_pe.contiguous(), keys.contiguous()
+    n, heads, dn = qn.shape
+    r, dv = w_uv_t.shape[-2:]
+    out = torch.empty(n, heads, dv, dtype=torch.float32)
+    native.library().dsv3_mla_absorbed(qn.data_ptr(), qp.data_ptr(), w_uk.data_ptr(), w_uv_t.data_ptr(), k.data_ptr(),
+                                       out.data_ptr(), n, heads, dn, qp.shape[-1], r, dv, start, scale)
+    return out

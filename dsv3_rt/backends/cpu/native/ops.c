@@ -4,6 +4,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static float rms_scale(const float *x, long d, float eps) {
@@ -97,4 +98,61 @@ void dsv3_moe_route(const float *x, const float *gate, const float *bias, long t
             weights[r * top_k + j] = (normalize ? scores[pick[j]] / (sum + 1e-20f) : scores[pick[j]]) * scaling;
         }
     }
+}
+
+/* MLA in its absorbed form for tokens on a cached prefix (decode, MTP verification, a chunk after a prefix):
+ * token i (at position start + i) of one sequence attends over keys[0 .. start + i], the fused latent cache
+ * rows [latent r | roped key dr]. Per head h:
+ *   q = [q_nope[i, h] @ w_uk[h], q_pe[i, h]],  p = softmax(scale * keys @ q),  out[i, h] = (p @ latent) @ w_uv_t[h]
+ * q_nope [n, heads, dn], q_pe [n, heads, dr], w_uk [heads, dn, r], w_uv_t [heads, r, dv], out [n, heads, dv]. */
+void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const float *w_uk, const float *w_uv_t,
+                       const float *keys, float *out, long n, long heads, long dn, long dr, long r, long dv,
+                       long start, float scale) {
+    const long width = r + dr;
+    #pragma omp parallel for schedule(static) if (n * heads * (start + n) * width >= 262144)
+    for (long ih = 0; ih < n * heads; ih++) {
+        long i = ih / heads, h = ih % heads, len = start + i + 1;
+        float *q = malloc((width + len + r) * sizeof(float)), *p = q + width, *latent = p + len;
+        const float *qn = q_nope + ih * dn, *wk = w_uk + h * dn * r;
+        for (long c = 0; c < r; c++) q[c] = 0.0f;
+        for (long a = 0; a < dn; a++)
+            #pragma omp simd
+            for (long c = 0; c < r; c++) q[c] += qn[a] * wk[a * r + c];
+        memcpy(q + r, q_pe + ih * dr, dr * sizeof(float));
+        float mx = -INFINITY, total = 0.0f;
+        for (long j = 0; j < len; j++) {
+            float s = 0.0f;
+            #pragma omp simd reduction(+ : s)
+            for (long c = 0; c < width; c++) s += q[c] * keys[j * width + c];
+            p[j] = s * scale;
+            mx = fmaxf(mx, p[j]);
+        }
+        for (long j = 0; j < len; j++) total += p[j] = expf(p[j] - mx);
+        for (long c = 0; c < r; c++) latent[c] = 0.0f;
+        for (long j = 0; j < len; j++) {
+            float pj = p[j] / total;
+            #pragma omp simd
+            for (long c = 0; c < r; c++) latent[c] += pj * keys[j * width + c];
+        }
+        float *o = out + ih * dv;
+        const float *wv = w_uv_t + h * r * dv;
+        for (long c = 0; c < dv; c++) o[c] = 0.0f;
+        for (long a = 0; a < r; a++)
+            #pragma omp simd
+            for (long c = 0; c < dv; c++) o[c] += latent[a] * wv[a * dv + c];
+        free(q);
+    }
+}
+
+/* Rotate interleaved pairs (x[2j], x[2j+1]) of each row by (cos, sin)[token, j]: x [t, rows_per_token, d]. */
+void dsv3_rope(const float *x, const float *cos_sin, float *y, long t, long rows_per_token, long d) {
+    for (long i = 0; i < t; i++)
+        for (long row = 0; row < rows_per_token; row++) {
+            const float *xr = x + (i * rows_per_token + row) * d, *cs = cos_sin + i * d;
+            float *yr = y + (i * rows_per_token + row) * d;
+            for (long j = 0; j < d; j += 2) {
+                yr[j] = xr[j] * cs[j] - xr[j + 1] * cs[j + 1];
+                yr[j + 1] = xr[j] * cs[j + 1] + xr[j + 1] * cs[j];
+            }
+        }
 }
