@@ -72,23 +72,30 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *tile,
     for (int m = 0; m < mb; m++) _mm512_storeu_ps(y + (m0 + m) * n + n0, out[m]);
 }
 
+/* All activation rows for weight rows 16b .. 16b + 15, up to MAX_M rows per pass over the tile. */
+static void tile_all_rows(const uint8_t *tiles, const int8_t *xq, const float *dx, const int32_t *xsum, float *y,
+                          long m, long n, long k, long b) {
+    const uint8_t *tile = tiles + b * (k / GROUP) * TILE_BYTES;
+    long m0 = 0;
+    for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, MAX_M);
+    switch (m - m0) {
+        case 3: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 3); break;
+        case 2: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 2); break;
+        case 1: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 1); break;
+    }
+}
+
 /* x [m, k] fp32, tiles [n/16, k/64, 576] bytes, y [m, n] fp32; n % 16 == 0, k % 64 == 0. */
 void dsv3_int4_tiles_matmul(const float *x, const uint8_t *tiles, float *y, long m, long n, long k) {
     int8_t *xq = malloc(m * k);
     float *dx = malloc(m * k / GROUP * sizeof(float));
     int32_t *xsum = malloc(m * k / GROUP * sizeof(int32_t));
     quantize_rows(x, m, k, xq, dx, xsum);
-    const long tile_stride = k / GROUP * TILE_BYTES;
-    #pragma omp parallel for schedule(static) if (n * k * m >= 65536)
-    for (long b = 0; b < n / ROWS; b++) {
-        const uint8_t *tile = tiles + b * tile_stride;
-        long m0 = 0;
-        for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, MAX_M);
-        switch (m - m0) {
-            case 3: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 3); break;
-            case 2: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 2); break;
-            case 1: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 1); break;
-        }
+    if (n * k * m < 65536) {  /* a thread team costs more than it saves */
+        for (long b = 0; b < n / ROWS; b++) tile_all_rows(tiles, xq, dx, xsum, y, m, n, k, b);
+    } else {
+        #pragma omp parallel for schedule(static)
+        for (long b = 0; b < n / ROWS; b++) tile_all_rows(tiles, xq, dx, xsum, y, m, n, k, b);
     }
     free(xq);
     free(dx);

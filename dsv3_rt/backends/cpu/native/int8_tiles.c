@@ -48,19 +48,26 @@ static inline __attribute__((always_inline)) void tile_rows(const float *x, cons
     }
 }
 
+/* All activation rows for weight rows 4b .. 4b + 3, up to MAX_M rows per pass over the tile. */
+static void tile_all_rows(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
+                          long b) {
+    const int8_t *tile = tiles + b * TILE_ROWS * k;
+    long m0 = 0;
+    for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows(x, tile, scale, y, n, k, b * TILE_ROWS, m0, MAX_M);
+    switch (m - m0) {
+        case 3: tile_rows(x, tile, scale, y, n, k, b * TILE_ROWS, m0, 3); break;
+        case 2: tile_rows(x, tile, scale, y, n, k, b * TILE_ROWS, m0, 2); break;
+        case 1: tile_rows(x, tile, scale, y, n, k, b * TILE_ROWS, m0, 1); break;
+    }
+}
+
 /* x [m, k] fp32, tiles [n/4, k/16, 4, 16] int8, scale [n] bf16, y [m, n] fp32; n % 4 == 0, k % 16 == 0. */
 void dsv3_int8_tiles_matmul(const float *x, const int8_t *tiles, const uint16_t *scale, float *y,
                             long m, long n, long k) {
-    /* below ~64K multiply-adds a thread team costs more than it saves */
-    #pragma omp parallel for schedule(static) if (n * k * m >= 65536)
-    for (long b = 0; b < n / TILE_ROWS; b++) {
-        const int8_t *tile = tiles + b * TILE_ROWS * k;
-        long m0 = 0;
-        for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows(x, tile, scale, y, n, k, b * TILE_ROWS, m0, MAX_M);
-        switch (m - m0) {
-            case 3: tile_rows(x, tile, scale, y, n, k, b * TILE_ROWS, m0, 3); break;
-            case 2: tile_rows(x, tile, scale, y, n, k, b * TILE_ROWS, m0, 2); break;
-            case 1: tile_rows(x, tile, scale, y, n, k, b * TILE_ROWS, m0, 1); break;
-        }
+    if (n * k * m < 65536) {  /* a thread team costs more than it saves (entering one costs ~0.5 us) */
+        for (long b = 0; b < n / TILE_ROWS; b++) tile_all_rows(x, tiles, scale, y, m, n, k, b);
+        return;
     }
+    #pragma omp parallel for schedule(static)
+    for (long b = 0; b < n / TILE_ROWS; b++) tile_all_rows(x, tiles, scale, y, m, n, k, b);
 }
