@@ -181,3 +181,26 @@ def test_fuzzed_headers_fail_cleanly(small_file: tuple[bytes, int], tmp_path: Pa
         ckpt.source.tokenizer()
     except CheckpointError:
         pass
+
+
+def test_run_cli_activations_flag(tiny: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
+    """`dsv3-rt run --activations ggml-cpu` loads with llama.cpp's activation rounding (the same greedy tokens as
+    the Python API with that option); with a quantised runtime dtype it is one clear error line."""
+    from dsv3_rt.cli import main
+    from dsv3_rt.core.model import open_checkpoint
+    from dsv3_rt.core.tokenizer import load_tokenizer
+
+    path, _ = tiny
+    model = dsv3_rt.load(path, backend="cpu", dtype="float32", activations="ggml-cpu", progress=False)
+    ids = positions(6, model.config.vocab_size)
+    want = load_tokenizer(open_checkpoint(path)).decode(model.generate(ids, max_new_tokens=4))
+    args = ["run", "--model", str(path), "--backend", "cpu", "--dtype", "float32", "--prompt-ids", " ".join(map(str, ids)),
+            "--max-new-tokens", "4"]
+    rc = main([*args, "--activations", "ggml-cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.rstrip("\n") == want
+    rc = main([*args[:6], "int8", *args[7:], "--activations", "ggml-cpu"])
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("dsv3-rt: error:")]
+    assert rc != 0 and "Traceback" not in err and len(errors) == 1 and "ggml-cpu" in errors[0], err

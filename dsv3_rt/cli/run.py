@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from dsv3_rt.cli import add_common
-from dsv3_rt.core import distributed
+from dsv3_rt.core import distributed, ggml_act
 from dsv3_rt.core.engine import Engine, Sequence
 from dsv3_rt.core.errors import CheckpointError, RequestError
 from dsv3_rt.core.kernels import DTYPES
@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                  "(default: the embedded default model)")
     p.add_argument("--backend", default=None, help="backend name or 'auto' (default: $DSV3RT_BACKEND, else auto)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="runtime weight format (default: the backend's)")
+    p.add_argument("--activations", default=None, choices=ggml_act.MODES,
+                   help="'ggml-cpu': round activations as llama.cpp's CPU matmuls do, to reproduce llama.cpp's logits "
+                        "on a GGUF (needs --dtype float32 and the reference or cpu backend); default 'exact'")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="one prompt; the completion is streamed to stdout")
     mode.add_argument("--interactive", "-i", action="store_true", help=f"chat in the terminal ({CHAT_HELP})")
@@ -259,7 +262,7 @@ def main(args: argparse.Namespace, parallel: Parallel | None = None) -> int:
             raise CheckpointError(f"{ckpt.description} has no tokenizer (tokenizer.json); give the prompt as --prompt-ids")
         if tokenizer.chat_template is None and not args.no_chat:
             raise CheckpointError(f"{ckpt.description} has no chat template; use --no-chat for raw text")
-    model = load(name, backend=args.backend, dtype=args.dtype,
+    model = load(name, backend=args.backend, dtype=args.dtype, activations=args.activations,
                  progress=sys.stderr.isatty(), parallel=parallel)
     if tokenizer is not None and tokenizer.eos_id is not None and tokenizer.eos_id not in model.config.eos_token_id:
         params = dataclasses.replace(params, stop_ids=(*params.stop_ids, tokenizer.eos_id))
