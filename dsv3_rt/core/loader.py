@@ -162,16 +162,16 @@ class WeightBuilder:
                 self._check(f"{p}.experts.{first}.{proj}.weight", whole.shape[1:], None, None)
                 stacked[proj] = self.prepare(whole, "experts")
                 continue
-            parts = []
+            stack = _Stack(last - first)
             for e in range(first, last):
                 name = f"{p}.experts.{e}.{proj}.weight"
                 if not self.src.has(name):
                     raise CheckpointError(f"checkpoint is missing tensor {name}")
                 w = self.src.weight(name)
                 self._check(name, w.shape, None, None)
-                parts.append(w)
-            stacked[proj] = self.prepare(_stack(parts), "experts")
-            del parts
+                stack.add(w)
+                del w
+            stacked[proj] = self.prepare(stack.take(), "experts")
         return ExpertWeights(stacked["gate_proj"], stacked["up_proj"], stacked["down_proj"], first=first)
 
     def layer(self, i: int) -> LayerWeights:
@@ -240,11 +240,35 @@ class WeightBuilder:
         return ModelWeights(embed=embed, layers=layers, norm=norm, head=head, mtp=mtp)
 
 
-def _stack(parts: list[Weight]) -> Weight:
-    """Per-expert weights of one format -> one [E, out, in] weight of that format."""
-    first = parts[0]
-    if any(p.format != first.format for p in parts):
-        raise CheckpointError("experts of one layer are stored in different formats")
-    data = torch.stack([p.data for p in parts])
-    scale = None if first.scale is None else torch.stack([p.scale for p in parts])
-    return Weight(first.format, data, (len(parts), *first.shape), scale, first.meta)
+class _Stack:
+    """Per-expert weights of one format -> one [E, out, in] weight of that format, copied in as they are read
+    (loading holds the stack and one expert, not every expert twice)."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.done = count, 0
+        self.first: Weight | None = None
+        self.data: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+
+    def add(self, w: Weight) -> None:
+        first = self.first
+        if first is None:
+            self.first = first = w
+            self.data = torch.empty((self.count, *w.data.shape), dtype=w.data.dtype)
+            self.scale = None if w.scale is None else torch.empty((self.count, *w.scale.shape), dtype=w.scale.dtype)
+        if w.format != first.format or (w.scale is None) != (first.scale is None):
+            raise CheckpointError("experts of one layer are stored in different formats")
+        for have, into in ((w.data, self.data), (w.scale, self.scale)):
+            if have is not None and (have.shape != into.shape[1:] or have.dtype != into.dtype):
+                raise CheckpointError(f"experts of one layer are stored differently ({tuple(have.shape)} {have.dtype} "
+                                      f"vs {tuple(into.shape[1:])} {into.dtype})")
+        self.data[self.done] = w.data
+        if self.scale is not None:
+            self.scale[self.done] = w.scale
+        self.done += 1
+
+    def take(self) -> Weight:
+        first, data, scale = self.first, self.data, self.scale
+        assert first is not None and data is not None and self.done == self.count
+        self.first = self.data = self.scale = None
+        return Weight(first.format, data, (self.count, *first.shape), scale, first.meta)

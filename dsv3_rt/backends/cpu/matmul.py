@@ -67,8 +67,10 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
     one = Weight(fmt, data, (n, k), scale, w.meta)
     if fmt.startswith("fp8"):
         wide = torch.float32 if x.dtype == torch.float32 or x.shape[0] < WIDEN_ROWS else torch.bfloat16
-        xw = x.to(wide)  # fp32 gemv is the faster one at m=1; widened a few whole blocks of rows at a time
-        y = torch.empty(x.shape[0], n, dtype=x.dtype)
+        xw = x.to(wide)  # fp32 gemv is the faster one at m=1
+        if wide == torch.float32:  # (MKL's fp32 GEMM may sum a column differently when N changes: kept whole)
+            return F.linear(xw, fp8_to_dense(one, wide)).to(x.dtype)
+        y = torch.empty(x.shape[0], n, dtype=x.dtype)  # widened a few whole blocks of rows at a time
         for _, r0, r1, part in row_blocks(one):
             y[:, r0:r1] = F.linear(xw, fp8_to_dense(part, wide))
         return y
