@@ -18,7 +18,7 @@ from dsv3_rt.core.weights import Weight, dense, fp8_weight, quantize_fp8_block
 def _sources() -> list[Weight]:
     g = torch.Generator().manual_seed(0)
     out = []
-    for shape in [(576, 200), (3, 40, 208), (2, 300, 256)]:
+    for shape in [(576, 200), (3, 40, 208), (2, 300, 256), (2, 112, 192)]:
         t = torch.randn(*shape, generator=g) * 0.02
         out += [dense(t), dense(t.bfloat16()), dense(t.half()), fp8_weight(*quantize_fp8_block(t)),
                 fp8_weight(*quantize_fp8_block(t, (64, 32)), (64, 32))]
@@ -46,6 +46,14 @@ def test_load_conversion_by_rows_is_exact(tiny_steps):
             else:
                 want, got = w.dequantize(dtype), formats.convert_rows(w, dtype, lambda p: p.dequantize(dtype))
             assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_int4_tiles_by_rows_is_exact(tiny_steps):
+    for w in _sources():
+        if formats.can_tile_int4(w):
+            want = formats.quantize_int4_tiles(w.dequantize(torch.float32))
+            got = formats.quantize_int4_tiles_weight(w)
+            assert (got.format, got.shape) == (want.format, want.shape) and torch.equal(got.data, want.data)
 
 
 @pytest.mark.parametrize("rows", [32, 200])
@@ -100,7 +108,7 @@ def test_tiny_model_weights_unchanged_by_row_steps(monkeypatch):
     cfg = ModelConfig.from_preset("tiny")
     src = RandomSource(expected_shapes(cfg), seed=0)
     names = [n for n in src.shapes if n.endswith(".weight") and len(src.shapes[n]) == 2][:40]
-    for dtype in ("int8", "bfloat16"):
+    for dtype in ("int8", "int4", "bfloat16"):
         k = CpuBackend(dtype)
         for name in names:
             usage = "embedding" if "embed" in name else "head" if "lm_head" in name else "linear"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import attention, moe, native, small_ops
-from dsv3_rt.backends.cpu.formats import (can_tile, can_tile_int4, convert_rows, fp8_to_dense, quantize_int4, quantize_int4_tiles,
+from dsv3_rt.backends.cpu.formats import (can_tile, can_tile_int4, convert_rows, fp8_to_dense, quantize_int4, quantize_int4_tiles_weight,
                                           quantize_int8_weight)
 from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.conformance.tolerances import Tolerance
@@ -94,8 +94,9 @@ class CpuBackend(Kernels):
         if self.dtype == "fp8":
             return w if w.format.startswith("fp8") else dense(self._widen(w))
         if self.dtype == "int4" and usage in ("linear", "experts"):
-            full = w.dequantize(torch.float32)
-            return quantize_int4_tiles(full) if native.has_int4() and can_tile_int4(full) else quantize_int4(full)
+            if native.has_int4() and can_tile_int4(w):
+                return quantize_int4_tiles_weight(w)  # a few rows at a time, as int8 below
+            return quantize_int4(w.dequantize(torch.float32))
         # int8, and the int4 model's head and embedding (as llama.cpp keeps Q6_K): tiled for the C kernel, except
         # the embedding (row-major for its row gathers); converted a few rows at a time (`quantize_int8_weight`)
         return quantize_int8_weight(w, tiled=usage != "embedding" and can_tile(w) and native.library() is not None)

@@ -122,6 +122,16 @@ def quantize_int8_weight(w: Weight, tiled: bool) -> Weight:
     return Weight("int8_tiles" if tiled else "int8_rowwise", data, tuple(w.shape), scale)
 
 
+def quantize_int4_tiles_weight(w: Weight) -> Weight:
+    """`quantize_int4_tiles(w.dequantize(float32))`, bit for bit (every 16-row block is quantised on its own),
+    a few rows at a time into the final buffer (`can_tile_int4(w)` must hold)."""
+    *lead, n, k = w.shape
+    data = torch.empty(*lead, n // INT4_TILE_ROWS, k // INT4_GROUP, INT4_TILE_BYTES, dtype=torch.uint8)
+    for idx, r0, r1, part in row_blocks(w, INT4_TILE_ROWS):
+        data[idx][r0 // INT4_TILE_ROWS: r1 // INT4_TILE_ROWS] = quantize_int4_tiles(part.dequantize(torch.float32)).data
+    return Weight("int4_tiles", data, tuple(w.shape))
+
+
 def convert_rows(w: Weight, dtype: torch.dtype, convert: Callable[[Weight], torch.Tensor]) -> torch.Tensor:
     """`convert(w)` (a dense `dtype` tensor of w's shape, computed elementwise) built a few rows at a time."""
     out = None
