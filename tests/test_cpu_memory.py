@@ -121,6 +121,23 @@ def test_tiny_model_weights_unchanged_by_row_steps(monkeypatch):
             assert (got.scale is None and want.scale is None) or torch.equal(got.scale, want.scale)
 
 
+@pytest.mark.parametrize("rows", [33, 47, 250, 1000])
+def test_row_padding_is_exact(monkeypatch, rows):
+    """Prefill GEMMs run on row counts rounded up to PAD_ROWS: the kept rows are the unpadded product's."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(2, 640, 512, generator=g) * 0.02
+    x = torch.randn(rows, 512, generator=g)
+    weights = [formats.quantize_int8_weight(dense(w), tiled=True), formats.quantize_int8_weight(dense(w), tiled=False),
+               fp8_weight(*quantize_fp8_block(w)), dense(w.bfloat16())]
+    for wt in weights:
+        xx = x.bfloat16() if wt.format in ("bf16", "fp8_e4m3fn") else x
+        monkeypatch.setattr(matmul, "PAD_ROWS", 1)
+        want = matmul.matmul(xx, wt, expert=0)
+        monkeypatch.setattr(matmul, "PAD_ROWS", 16)
+        got = matmul.matmul(xx, wt, expert=0)
+        assert got.shape == want.shape and torch.equal(got, want), wt.format
+
+
 def test_by_rows_equals_one_gemm_on_large_shapes():
     """The property the slicing relies on, on an MLP-sized bf16 GEMM (oneDNN): columns do not depend on their
     neighbours."""

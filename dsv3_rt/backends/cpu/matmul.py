@@ -26,6 +26,13 @@ TILES_WIDEN_ROWS = 32
 #: one) per call, 33 MiB for a 5632 x 2048 MLP matrix. Measured (1024 rows, that matrix, 1 thread, CPU time):
 #: whole 121 ms, 8 MiB slices 121 ms, 4 MiB 124, 2 MiB 128 (the output is written slice by slice)
 WIDEN_BYTES = 8 << 20
+#: bf16 GEMMs from TILES_WIDEN_ROWS rows on run on a row count rounded up to a multiple of this (zero rows
+#: appended, their results dropped; a row of oneDNN's GEMM does not depend on the others, tested bit for bit).
+#: oneDNN keeps a primitive with its JIT code (~0.5 MiB) per distinct shape, in two caches of 1024 entries, and
+#: the experts of a prefill see a new row count almost every call: the long-lived primitives landed between
+#: the prefill's temporaries and fragmented the heap. Bench preset int8, 1 thread, prefill 128 then 1024:
+#: RSS growth +286 -> +127 MiB, CPU time +1 % (prefill 1024 5.70 -> 5.78 s; 64 rows: +10 %)
+PAD_ROWS = 16
 
 
 def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tensor:
@@ -40,10 +47,12 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
     scale = w.scale if expert is None or w.scale is None else w.scale[expert]
     n, k = w.shape[-2], w.shape[-1]
     if fmt in ("f32", "bf16", "f16"):
+        if x.dtype == data.dtype == torch.bfloat16 and x.shape[0] >= TILES_WIDEN_ROWS:  # oneDNN (see PAD_ROWS)
+            return F.linear(_pad_rows(x), data)[: x.shape[0]]
         return F.linear(x, data if data.dtype == x.dtype else data.to(x.dtype))
     if fmt == "int8_tiles":
         if x.shape[0] >= TILES_WIDEN_ROWS:
-            xb = x.to(torch.bfloat16)
+            xb = _pad_rows(x.to(torch.bfloat16))
             return _by_rows(x, n, _widen_step(k, TILE_ROWS),
                             lambda r0, r1: F.linear(xb, untile_int8(data[r0:r1]).to(torch.bfloat16)) * scale[r0:r1])
         return int8_tiles_matmul(x, data, scale).to(x.dtype)
@@ -53,7 +62,8 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
         xb = x.to(torch.bfloat16).contiguous()
         if x.shape[0] >= WIDEN_ROWS or k % 16:  # int8 -> bf16 is exact; the row scale applies to the output
             # columns. (The int8 kernel needs K % 16 == 0: it reads garbage or crashes otherwise.)
-            return _by_rows(x, n, _widen_step(k), lambda r0, r1: F.linear(xb, data[r0:r1].to(torch.bfloat16)) * scale[r0:r1])
+            xp = _pad_rows(xb)
+            return _by_rows(x, n, _widen_step(k), lambda r0, r1: F.linear(xp, data[r0:r1].to(torch.bfloat16)) * scale[r0:r1])
         return torch.ops.aten._weight_int8pack_mm(xb, data, scale).to(x.dtype)
     if fmt == "int4_cpu":
         if x.shape[0] >= WIDEN_ROWS:
@@ -70,9 +80,10 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
         xw = x.to(wide)  # fp32 gemv is the faster one at m=1
         if wide == torch.float32:  # (MKL's fp32 GEMM may sum a column differently when N changes: kept whole)
             return F.linear(xw, fp8_to_dense(one, wide)).to(x.dtype)
-        y = torch.empty(x.shape[0], n, dtype=x.dtype)  # widened a few whole blocks of rows at a time
+        xw, m = _pad_rows(xw), x.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)  # widened a few whole blocks of rows at a time
         for _, r0, r1, part in row_blocks(one):
-            y[:, r0:r1] = F.linear(xw, fp8_to_dense(part, wide))
+            y[:, r0:r1] = F.linear(xw, fp8_to_dense(part, wide))[:m]
         return y
     return F.linear(x.float(), one.dequantize(torch.float32)).to(x.dtype)
 
@@ -81,15 +92,24 @@ def _widen_step(k: int, align: int = 1) -> int:
     return max(align, WIDEN_BYTES // (2 * k) // align * align)
 
 
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with zero rows appended up to a multiple of PAD_ROWS from TILES_WIDEN_ROWS rows on (callers keep the
+    first M rows of the product)."""
+    pad = -x.shape[0] % PAD_ROWS if x.shape[0] >= TILES_WIDEN_ROWS else 0
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
 def _by_rows(x: torch.Tensor, n: int, step: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """[M, N] in x's dtype with columns r0:r1 = rows(r0, r1), x times rows r0:r1 of the weight. A column of a GEMM
-    sums the same products in the same order whichever other columns it computes with (checked bit for bit
-    against the whole-matrix product in tests/test_cpu_backend.py), so only the widened copy gets smaller."""
+    """[M, N] in x's dtype with columns r0:r1 = the first M rows of rows(r0, r1), x (maybe row-padded) times
+    rows r0:r1 of the weight. A column of a GEMM sums the same products in the same order whichever other
+    columns it computes with (checked bit for bit against the whole-matrix product in tests/test_cpu_memory.py),
+    so only the widened copy gets smaller."""
+    m = x.shape[0]
     if step >= n:
-        return rows(0, n).to(x.dtype)
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+        return rows(0, n)[:m].to(x.dtype)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     for r0 in range(0, n, step):
-        y[:, r0:r0 + step] = rows(r0, min(n, r0 + step))
+        y[:, r0:r0 + step] = rows(r0, min(n, r0 + step))[:m]
     return y
 
 

@@ -34,16 +34,20 @@ def _pointers(*ws: Weight) -> list[int | None]:
 def dense_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
     bits = _tiled_bits(gate, up, down)
     if bits is None or x.shape[0] >= FEW_SELECTIONS:  # many rows: int8 widens to bf16 for oneDNN in matmul
-        return matmul(F.silu(matmul(x, gate)) * matmul(x, up), down)
+        return matmul(_swiglu(matmul(x, gate), matmul(x, up)), down)
     xf = x.float().contiguous()
     y = torch.empty_like(xf)
     native.library().dsv3_mlp(bits, xf.data_ptr(), xf.shape[0], xf.shape[1], gate.shape[-2], *_pointers(gate, up, down), y.data_ptr())
     return y.to(x.dtype)
 
 
+def _swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u written into g (fresh matmul outputs): one [M, I] buffer instead of three at prefill."""
+    return F.silu(g, inplace=True).mul_(u)
+
+
 def _expert(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
-    h = F.silu(matmul(x, experts.gate, e)) * matmul(x, experts.up, e)
-    return matmul(h, experts.down, e)
+    return matmul(_swiglu(matmul(x, experts.gate, e), matmul(x, experts.up, e)), experts.down, e)
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
