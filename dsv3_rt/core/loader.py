@@ -254,8 +254,8 @@ class _Stack:
         first = self.first
         if first is None:
             self.first = first = w
-            self.data = torch.empty((self.count, *w.data.shape), dtype=w.data.dtype)
-            self.scale = None if w.scale is None else torch.empty((self.count, *w.scale.shape), dtype=w.scale.dtype)
+            self.data = w.data.new_empty((self.count, *w.data.shape))  # same dtype and device (meta when sharding)
+            self.scale = None if w.scale is None else w.scale.new_empty((self.count, *w.scale.shape))
         if w.format != first.format or (w.scale is None) != (first.scale is None):
             raise CheckpointError("experts of one layer are stored in different formats")
         for have, into in ((w.data, self.data), (w.scale, self.scale)):
