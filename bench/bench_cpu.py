@@ -416,11 +416,26 @@ def table(results: dict[str, dict], bw_gbps: float, prefill: list[int]) -> str:
     return "\n".join(lines)
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One engine's result over rounds: medians of decode, prefill and load, the largest peak RSS."""
+    if any("error" in r for r in runs):
+        return next(r for r in runs if "error" in r)
+    merged = dict(runs[0])
+    merged["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in runs)
+    merged["decode_rounds"] = [r["decode_tok_s"] for r in runs]
+    merged["prefill_tok_s"] = {n: statistics.median(r["prefill_tok_s"][n] for r in runs) for n in runs[0]["prefill_tok_s"]}
+    merged["load_s"] = statistics.median(r["load_s"] for r in runs)
+    merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    return merged
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 runs of 16 decode tokens, prefill 128 only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every engine this many times, interleaved; report "
+                    "the median decode/prefill/load over rounds and the largest peak RSS")
     ap.add_argument("--prefill-runs", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, nargs="+", default=[128, 1024])
@@ -443,23 +458,33 @@ def main() -> int:
         args.runs, args.decode_tokens, args.prefill, args.prefill_runs, args.bw_bytes = 2, 16, [128], 1, 512 << 20
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     load_before = _load_note()
-    bw = run_worker("bandwidth", args, [])
-    bw_gbps = bw.get("read_gbps", float("nan"))
-    print(f"read bandwidth (torch sum, {args.threads} threads): {bw_gbps:.1f} GB/s; {load_before}", flush=True)
-    results: dict[str, dict] = {}
-    for label, kind, extra in engines(args, args.cache_dir):
-        if label.startswith("dsv3-rt reference"):  # fp32 reference kernels: minutes per prefill; decode only
-            extra = extra + ["--prefill", "128"]
-        res = run_worker(kind, args, extra)
-        results[label] = res
-        print(f"{label}: " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s, "
-              f"prefill {res['prefill_tok_s']}, rss {res['peak_rss_mib']:.0f} MiB, load {res['load_s']:.1f} s"), flush=True)
+    todo = engines(args, args.cache_dir)
+    rounds: dict[str, list[dict]] = {}
+    bws: list[dict] = []
+    for r in range(args.rounds):  # engines interleaved round by round: a shared host's bandwidth drifts
+        bws.append(run_worker("bandwidth", args, []))
+        print(f"round {r + 1}/{args.rounds}: read bandwidth (torch sum, {args.threads} threads): "
+              f"{bws[-1].get('read_gbps', float('nan')):.1f} GB/s; {_load_note()}", flush=True)
+        for label, kind, extra in todo:
+            if label.startswith("dsv3-rt reference"):  # fp32 reference kernels: minutes per prefill; decode only
+                extra = extra + ["--prefill", "128"]
+            res = run_worker(kind, args, extra)
+            rounds.setdefault(label, []).append(res)
+            print(f"  {label}: " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s, "
+                  f"prefill {res['prefill_tok_s']}, rss {res['peak_rss_mib']:.0f} MiB, load {res['load_s']:.1f} s"), flush=True)
+    results = {label: merge_rounds(rs) for label, rs in rounds.items()}
+    bw = {"read_gbps": statistics.median(b.get("read_gbps", float("nan")) for b in bws), "rounds": bws}
+    bw_gbps = bw["read_gbps"]
     text = table(results, bw_gbps, args.prefill)
     tgt = targets(results, bw_gbps)
     tgt_text = "\n".join(f"[{'PASS' if ok else 'FAIL' if ok is not None else 'n/a '}] {name}: {value}" for name, value, ok in tgt)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch CPU capability " \
               f"{__import__('torch').backends.cpu.get_cpu_capability()}"
-    report = f"{machine}\nread bandwidth {bw_gbps:.1f} GB/s; before: {load_before}; after: {_load_note()}\n\n{text}\n\nTargets:\n{tgt_text}\n"
+    spread = "".join(f"\n  {label}: decode per round {', '.join(f'{d:.1f}' for d in r['decode_rounds'])} tok/s"
+                     for label, r in results.items() if len(r.get("decode_rounds", [])) > 1)
+    per_round = ", ".join(f"{b.get('read_gbps', float('nan')):.1f}" for b in bws)
+    report = (f"{machine}\nread bandwidth {bw_gbps:.1f} GB/s (median of {args.rounds} round(s): {per_round}); "
+              f"before: {load_before}; after: {_load_note()}{spread}\n\n{text}\n\nTargets:\n{tgt_text}\n")
     print("\n" + report)
     RESULTS.mkdir(exist_ok=True)
     stem = args.out or RESULTS / f"cpu-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M')}"

@@ -26,7 +26,7 @@ static inline __m512 bf16x16_to_ps(const uint8_t *p) {
 }
 
 /* Round each row of x to int8 per group: xq, dx (the group's step) and the group's sum of xq. */
-static void quantize_rows(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum) {
+void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum) {
     for (long g = 0; g < m * k / GROUP; g++) {
         const float *v = x + g * GROUP;
         float amax = 0.0f;
@@ -72,8 +72,9 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *tile,
     for (int m = 0; m < mb; m++) _mm512_storeu_ps(y + (m0 + m) * n + n0, out[m]);
 }
 
-/* All activation rows for weight rows 16b .. 16b + 15, up to MAX_M rows per pass over the tile. */
-static void tile_all_rows(const uint8_t *tiles, const int8_t *xq, const float *dx, const int32_t *xsum, float *y,
+/* All activation rows for weight rows 16b .. 16b + 15, up to MAX_M rows per pass over the tile (one
+ * independent block of the product). */
+void dsv3_int4_tiles_block(const uint8_t *tiles, const int8_t *xq, const float *dx, const int32_t *xsum, float *y,
                           long m, long n, long k, long b) {
     const uint8_t *tile = tiles + b * (k / GROUP) * TILE_BYTES;
     long m0 = 0;
@@ -90,12 +91,12 @@ void dsv3_int4_tiles_matmul(const float *x, const uint8_t *tiles, float *y, long
     int8_t *xq = malloc(m * k);
     float *dx = malloc(m * k / GROUP * sizeof(float));
     int32_t *xsum = malloc(m * k / GROUP * sizeof(int32_t));
-    quantize_rows(x, m, k, xq, dx, xsum);
+    dsv3_int4_quantize(x, m, k, xq, dx, xsum);
     if (n * k * m < 65536) {  /* a thread team costs more than it saves */
-        for (long b = 0; b < n / ROWS; b++) tile_all_rows(tiles, xq, dx, xsum, y, m, n, k, b);
+        for (long b = 0; b < n / ROWS; b++) dsv3_int4_tiles_block(tiles, xq, dx, xsum, y, m, n, k, b);
     } else {
         #pragma omp parallel for schedule(static)
-        for (long b = 0; b < n / ROWS; b++) tile_all_rows(tiles, xq, dx, xsum, y, m, n, k, b);
+        for (long b = 0; b < n / ROWS; b++) dsv3_int4_tiles_block(tiles, xq, dx, xsum, y, m, n, k, b);
     }
     free(xq);
     free(dx);

@@ -48,8 +48,9 @@ static inline __attribute__((always_inline)) void tile_rows(const float *x, cons
     }
 }
 
-/* All activation rows for weight rows 4b .. 4b + 3, up to MAX_M rows per pass over the tile. */
-static void tile_all_rows(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
+/* All activation rows for weight rows 4b .. 4b + 3, up to MAX_M rows per pass over the tile (one block of
+ * the product: blocks are independent, so callers may run them on any thread). */
+void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
                           long b) {
     const int8_t *tile = tiles + b * TILE_ROWS * k;
     long m0 = 0;
@@ -65,9 +66,9 @@ static void tile_all_rows(const float *x, const int8_t *tiles, const uint16_t *s
 void dsv3_int8_tiles_matmul(const float *x, const int8_t *tiles, const uint16_t *scale, float *y,
                             long m, long n, long k) {
     if (n * k * m < 65536) {  /* a thread team costs more than it saves (entering one costs ~0.5 us) */
-        for (long b = 0; b < n / TILE_ROWS; b++) tile_all_rows(x, tiles, scale, y, m, n, k, b);
+        for (long b = 0; b < n / TILE_ROWS; b++) dsv3_int8_tiles_block(x, tiles, scale, y, m, n, k, b);
         return;
     }
     #pragma omp parallel for schedule(static)
-    for (long b = 0; b < n / TILE_ROWS; b++) tile_all_rows(x, tiles, scale, y, m, n, k, b);
+    for (long b = 0; b < n / TILE_ROWS; b++) dsv3_int8_tiles_block(x, tiles, scale, y, m, n, k, b);
 }

@@ -2,22 +2,29 @@
  * a decode step (or an MTP verification of a few tokens) spends no interpreter time per expert.
  *
  * mlp(x) = down(silu(gate x) * up x); the routed experts of a layer are stacked [count, ...] and each runs
- * once over the tokens that chose it; out[t] += weight * expert(x[t]), in fp32.
+ * once over the tokens that chose it; out[t] += weight * expert(x[t]), in fp32. The gate and up products of
+ * every selected expert share one pass of the thread team, and so do their down products: two team entries
+ * per layer instead of three per expert.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-void dsv3_int8_tiles_matmul(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k);
+void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
+                           long b);
 #if defined(__AVX512VNNI__)
-void dsv3_int4_tiles_matmul(const float *x, const uint8_t *tiles, float *y, long m, long n, long k);
+void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum);
+void dsv3_int4_tiles_block(const uint8_t *tiles, const int8_t *xq, const float *dx, const int32_t *xsum, float *y,
+                           long m, long n, long k, long b);
 #endif
 
 /* One matrix of a stack: its bytes (int8: n*k; int4: 576 per 16 x 64 tile) and its bf16 scales (int8 only). */
 typedef struct { const uint8_t *data; const uint16_t *scale; } matrix;
 
 static long matrix_bytes(int bits, long n, long k) { return bits == 8 ? n * k : n * k / 1024 * 576; }
+static long block_rows(int bits) { return bits == 8 ? 4 : 16; }
 
 static matrix pick(int bits, const void *data, const void *scale, long e, long n, long k) {
     matrix w = { (const uint8_t *)data + e * matrix_bytes(bits, n, k), NULL };
@@ -25,61 +32,138 @@ static matrix pick(int bits, const void *data, const void *scale, long e, long n
     return w;
 }
 
-static void matmul(int bits, const float *x, matrix w, float *y, long m, long n, long k) {
+/* y [m, n] = x [m, k] @ w.T; for int4, x is first rounded to int8 per group (xq, dx, xsum). */
+typedef struct {
+    const float *x; matrix w; float *y; long m, n, k;
+    int8_t *xq; float *dx; int32_t *xsum;
+} product;
+
+static void block(int bits, const product *p, long b) {
 #if defined(__AVX512VNNI__)
     if (bits == 4) {
-        dsv3_int4_tiles_matmul(x, w.data, y, m, n, k);
+        dsv3_int4_tiles_block(p->w.data, p->xq, p->dx, p->xsum, p->y, p->m, p->n, p->k, b);
         return;
     }
 #endif
-    dsv3_int8_tiles_matmul(x, (const int8_t *)w.data, w.scale, y, m, n, k);
+    dsv3_int8_tiles_block(p->x, (const int8_t *)p->w.data, p->w.scale, p->y, p->m, p->n, p->k, b);
 }
 
-/* y [m, d] = down(silu(gate x) * up x) for x [m, d]; hidden width `inter`. */
-static void swiglu(int bits, const float *x, matrix gate, matrix up, matrix down, float *y, long m, long d, long inter) {
-    float *g = malloc(2 * m * inter * sizeof(float)), *u = g + m * inter;
-    matmul(bits, x, gate, g, m, inter, d);
-    matmul(bits, x, up, u, m, inter, d);
-    for (long i = 0; i < m * inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    matmul(bits, g, down, y, m, d, inter);
-    free(g);
+/* Blocks t0 .. t1 - 1 of the products, numbered one product after the other. */
+static void blocks(int bits, const product *ps, long t0, long t1) {
+    long i = 0, base = 0;
+    for (long t = t0; t < t1; t++) {
+        while (t - base >= ps[i].n / block_rows(bits)) base += ps[i++].n / block_rows(bits);
+        block(bits, &ps[i], t - base);
+    }
+}
+
+/* Every block of every product; one thread team for all of them when the work is worth one. */
+static void run(int bits, product *ps, long count) {
+    long total = 0, work = 0;
+    for (long i = 0; i < count; i++) {
+        product *p = &ps[i];
+        total += p->n / block_rows(bits);
+        work += p->m * p->n * p->k;
+        p->xq = NULL;
+#if defined(__AVX512VNNI__)
+        if (bits == 4) {
+            p->xq = malloc(p->m * p->k);
+            p->dx = malloc(p->m * p->k / 64 * sizeof(float));
+            p->xsum = malloc(p->m * p->k / 64 * sizeof(int32_t));
+            dsv3_int4_quantize(p->x, p->m, p->k, p->xq, p->dx, p->xsum);
+        }
+#endif
+    }
+    if (work < 65536) {
+        blocks(bits, ps, 0, total);
+    } else {
+        #pragma omp parallel
+        {
+            long id = omp_get_thread_num(), threads = omp_get_num_threads();
+            blocks(bits, ps, total * id / threads, total * (id + 1) / threads);
+        }
+    }
+    for (long i = 0; i < count; i++)
+        if (ps[i].xq) {
+            free(ps[i].xq);
+            free(ps[i].dx);
+            free(ps[i].xsum);
+        }
+}
+
+/* SwiGLU of `count` MLPs at once: mlp i maps xs[i] [ms[i], d] to ys[i] through gate/up/down[i]. */
+static void swiglu(int bits, long count, const float *const *xs, const long *ms, const matrix *gate, const matrix *up,
+                   const matrix *down, float *const *ys, long d, long inter) {
+    long rows = 0;
+    for (long i = 0; i < count; i++) rows += ms[i];
+    float *h = malloc(2 * rows * inter * sizeof(float));
+    product *ps = malloc(2 * count * sizeof(product));
+    float *g = h;
+    for (long i = 0; i < count; i++) {
+        ps[2 * i] = (product){ xs[i], gate[i], g, ms[i], inter, d };
+        ps[2 * i + 1] = (product){ xs[i], up[i], g + ms[i] * inter, ms[i], inter, d };
+        g += 2 * ms[i] * inter;
+    }
+    run(bits, ps, 2 * count);
+    g = h;
+    for (long i = 0; i < count; i++) {
+        const float *u = g + ms[i] * inter;
+        for (long c = 0; c < ms[i] * inter; c++) g[c] = g[c] / (1.0f + expf(-g[c])) * u[c];
+        ps[i] = (product){ g, down[i], ys[i], ms[i], d, inter };
+        g += 2 * ms[i] * inter;
+    }
+    run(bits, ps, count);
+    free(ps);
+    free(h);
 }
 
 void dsv3_mlp(int bits, const float *x, long m, long d, long inter, const void *gate, const void *gate_scale,
               const void *up, const void *up_scale, const void *down, const void *down_scale, float *y) {
-    swiglu(bits, x, pick(bits, gate, gate_scale, 0, inter, d), pick(bits, up, up_scale, 0, inter, d),
-           pick(bits, down, down_scale, 0, d, inter), y, m, d, inter);
+    matrix g = pick(bits, gate, gate_scale, 0, inter, d), u = pick(bits, up, up_scale, 0, inter, d),
+           w = pick(bits, down, down_scale, 0, d, inter);
+    swiglu(bits, 1, &x, &m, &g, &u, &w, &y, d, inter);
 }
 
-/* out [t, d] (zeroed here) = sum over (token, slot) of weights * expert ids - first, for the held experts. */
+/* out [t, d] = sum over (token, slot) of weights * expert ids - first, for the held experts. */
 void dsv3_moe_experts(int bits, const float *x, const int64_t *ids, const float *weights, long t, long topk,
                       long first, long count, long d, long inter, const void *gate, const void *gate_scale,
                       const void *up, const void *up_scale, const void *down, const void *down_scale, float *out) {
     memset(out, 0, t * d * sizeof(float));
-    long pairs = t * topk;
+    long pairs = t * topk, held = 0, experts = 0;
     long *order = malloc(pairs * sizeof(long));
-    long n_order = 0;
     for (long p = 0; p < pairs; p++) {  /* the held pairs, grouped by expert (stable insertion: pairs are few) */
-        long e = ids[p] - first;
-        if (e < 0 || e >= count) continue;
-        long at = n_order++;
+        if (ids[p] - first < 0 || ids[p] - first >= count) continue;
+        long at = held++;
         while (at > 0 && ids[order[at - 1]] > ids[p]) { order[at] = order[at - 1]; at--; }
         order[at] = p;
     }
-    float *xe = malloc(2 * (n_order ? n_order : 1) * d * sizeof(float)), *ye = xe + n_order * d;
-    for (long s = 0; s < n_order;) {
+    long cap = held ? held : 1;
+    float *xe = malloc(2 * cap * d * sizeof(float)), *ye = xe + held * d;
+    const float **xs = malloc(cap * sizeof(float *));
+    float **ys = malloc(cap * sizeof(float *));
+    long *ms = malloc(cap * sizeof(long));
+    matrix *gs = malloc(3 * cap * sizeof(matrix)), *us = gs + cap, *ds = us + cap;
+    for (long s = 0; s < held; experts++) {  /* one MLP per selected expert over its tokens' rows */
         long e = ids[order[s]] - first, rows = 0;
-        for (long r = s; r < n_order && ids[order[r]] - first == e; r++, rows++)
-            memcpy(xe + rows * d, x + order[r] / topk * d, d * sizeof(float));
-        swiglu(bits, xe, pick(bits, gate, gate_scale, e, inter, d), pick(bits, up, up_scale, e, inter, d),
-               pick(bits, down, down_scale, e, d, inter), ye, rows, d, inter);
-        for (long r = 0; r < rows; r++) {
-            long p = order[s + r];
-            float w = weights[p], *o = out + p / topk * d;
-            for (long c = 0; c < d; c++) o[c] += w * ye[r * d + c];
-        }
+        xs[experts] = xe + s * d;
+        ys[experts] = ye + s * d;
+        for (; s + rows < held && ids[order[s + rows]] - first == e; rows++)
+            memcpy(xe + (s + rows) * d, x + order[s + rows] / topk * d, d * sizeof(float));
+        ms[experts] = rows;
+        gs[experts] = pick(bits, gate, gate_scale, e, inter, d);
+        us[experts] = pick(bits, up, up_scale, e, inter, d);
+        ds[experts] = pick(bits, down, down_scale, e, d, inter);
         s += rows;
     }
+    swiglu(bits, experts, xs, ms, gs, us, ds, ys, d, inter);
+    for (long r = 0; r < held; r++) {
+        float w = weights[order[r]], *o = out + order[r] / topk * d;
+        for (long c = 0; c < d; c++) o[c] += w * ye[r * d + c];
+    }
+    free(gs);
+    free(ms);
+    free(ys);
+    free(xs);
     free(xe);
     free(order);
 }
