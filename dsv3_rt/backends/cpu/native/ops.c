@@ -104,43 +104,79 @@ void dsv3_moe_route(const float *x, const float *gate, const float *bias, long t
  * token i (at position start + i) of one sequence attends over keys[0 .. start + i], the fused latent cache
  * rows [latent r | roped key dr]. Per head h:
  *   q = [q_nope[i, h] @ w_uk[h], q_pe[i, h]],  p = softmax(scale * keys @ q),  out[i, h] = (p @ latent) @ w_uv_t[h]
- * q_nope [n, heads, dn], q_pe [n, heads, dr], w_uk [heads, dn, r], w_uv_t [heads, r, dv], out [n, heads, dv]. */
-void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const float *w_uk, const float *w_uv_t,
-                       const float *keys, float *out, long n, long heads, long dn, long dr, long r, long dv,
-                       long start, float scale) {
-    const long width = r + dr;
-    #pragma omp parallel for schedule(static) if (n * heads * (start + n) * width >= 262144)
-    for (long ih = 0; ih < n * heads; ih++) {
-        long i = ih / heads, h = ih % heads, len = start + i + 1;
-        float *q = malloc((width + len + r) * sizeof(float)), *p = q + width, *latent = p + len;
-        const float *qn = q_nope + ih * dn, *wk = w_uk + h * dn * r;
-        for (long c = 0; c < r; c++) q[c] = 0.0f;
+ * q_nope [n, heads, dn], q_pe [n, heads, dr], w_uk [heads, dn, r], w_uv_t [heads, r, dv], out [n, heads, dv].
+ * A work item is one token and a block of HEAD_BLOCK heads, which read each cached key row once together
+ * (head by head, 16 heads reread a layer's cache 16 times). */
+#define HEAD_BLOCK 8
+
+typedef struct {
+    const float *q_nope, *q_pe, *w_uk, *w_uv_t, *keys;
+    float *out;
+    long heads, dn, dr, r, dv, start;
+    float scale;
+} mla_args;
+
+/* Token i, heads h0 .. h0 + nh - 1. */
+static void mla_heads(const mla_args *m, long i, long h0, long nh) {
+    const long r = m->r, dn = m->dn, dr = m->dr, dv = m->dv, width = r + dr, len = m->start + i + 1;
+    const float *keys = m->keys;
+    float *q = malloc(nh * (width + len + r) * sizeof(float)), *p = q + nh * width, *latent = p + nh * len;
+    for (long b = 0; b < nh; b++) {  /* q[b] = [q_nope @ w_uk, q_pe] for head h0 + b */
+        long ih = i * m->heads + h0 + b;
+        const float *qn = m->q_nope + ih * dn, *wk = m->w_uk + (h0 + b) * dn * r;
+        float *qb = q + b * width;
+        for (long c = 0; c < r; c++) qb[c] = 0.0f;
         for (long a = 0; a < dn; a++)
             #pragma omp simd
-            for (long c = 0; c < r; c++) q[c] += qn[a] * wk[a * r + c];
-        memcpy(q + r, q_pe + ih * dr, dr * sizeof(float));
-        float mx = -INFINITY, total = 0.0f;
-        for (long j = 0; j < len; j++) {
+            for (long c = 0; c < r; c++) qb[c] += qn[a] * wk[a * r + c];
+        memcpy(qb + r, m->q_pe + ih * dr, dr * sizeof(float));
+    }
+    for (long j = 0; j < len; j++)
+        for (long b = 0; b < nh; b++) {
             float s = 0.0f;
             #pragma omp simd reduction(+ : s)
-            for (long c = 0; c < width; c++) s += q[c] * keys[j * width + c];
-            p[j] = s * scale;
-            mx = fmaxf(mx, p[j]);
+            for (long c = 0; c < width; c++) s += q[b * width + c] * keys[j * width + c];
+            p[b * len + j] = s * m->scale;
         }
-        for (long j = 0; j < len; j++) total += p[j] = expf(p[j] - mx);
-        for (long c = 0; c < r; c++) latent[c] = 0.0f;
-        for (long j = 0; j < len; j++) {
-            float pj = p[j] / total;
+    for (long b = 0; b < nh; b++) {
+        float *pb = p + b * len, mx = -INFINITY, total = 0.0f;
+        for (long j = 0; j < len; j++) mx = fmaxf(mx, pb[j]);
+        for (long j = 0; j < len; j++) total += pb[j] = expf(pb[j] - mx);
+        for (long j = 0; j < len; j++) pb[j] /= total;
+        for (long c = 0; c < r; c++) latent[b * r + c] = 0.0f;
+    }
+    for (long j = 0; j < len; j++)
+        for (long b = 0; b < nh; b++) {
+            float pj = p[b * len + j], *lb = latent + b * r;
             #pragma omp simd
-            for (long c = 0; c < r; c++) latent[c] += pj * keys[j * width + c];
+            for (long c = 0; c < r; c++) lb[c] += pj * keys[j * width + c];
         }
-        float *o = out + ih * dv;
-        const float *wv = w_uv_t + h * r * dv;
+    for (long b = 0; b < nh; b++) {
+        float *o = m->out + (i * m->heads + h0 + b) * dv;
+        const float *wv = m->w_uv_t + (h0 + b) * r * dv, *lb = latent + b * r;
         for (long c = 0; c < dv; c++) o[c] = 0.0f;
         for (long a = 0; a < r; a++)
             #pragma omp simd
-            for (long c = 0; c < dv; c++) o[c] += latent[a] * wv[a * dv + c];
-        free(q);
+            for (long c = 0; c < dv; c++) o[c] += lb[a] * wv[a * dv + c];
+    }
+    free(q);
+}
+
+static void mla_item(const mla_args *m, long t) {
+    const long blocks = (m->heads + HEAD_BLOCK - 1) / HEAD_BLOCK, h0 = t % blocks * HEAD_BLOCK;
+    mla_heads(m, t / blocks, h0, m->heads - h0 < HEAD_BLOCK ? m->heads - h0 : HEAD_BLOCK);
+}
+
+void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const float *w_uk, const float *w_uv_t,
+                       const float *keys, float *out, long n, long heads, long dn, long dr, long r, long dv,
+                       long start, float scale) {
+    const mla_args m = { q_nope, q_pe, w_uk, w_uv_t, keys, out, heads, dn, dr, r, dv, start, scale };
+    const long items = n * ((heads + HEAD_BLOCK - 1) / HEAD_BLOCK);
+    if (n * heads * (start + n) * (r + dr) < 262144) {
+        for (long t = 0; t < items; t++) mla_item(&m, t);
+    } else {
+        #pragma omp parallel for schedule(static)
+        for (long t = 0; t < items; t++) mla_item(&m, t);
     }
 }
 
