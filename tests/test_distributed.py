@@ -186,8 +186,11 @@ def test_run_tp2_prints_the_single_process_text(tokenizer_ckpt, capsys):
 def test_ctrl_c_stops_every_rank(tokenizer_ckpt):
     import psutil
 
+    # a suite started in the background of a shell without job control inherits SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: give the launcher the default disposition, as a terminal would
     proc = subprocess.Popen(_cli(tokenizer_ckpt, "--max-new-tokens", "500", "--tp", "2", "--no-chat"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdout.read(1)  # rank 0 is streaming
         ranks = psutil.Process(proc.pid).children()
