@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from hf_tiny import make_tiny_hf_checkpoint
+from serve_testlib import free_port, stream_in_background
 
 from dsv3_rt.cli import main
 
@@ -22,12 +22,6 @@ N = 10
 EXACT = ["--backend", "reference", "--dtype", "float32"]
 PROMPTS = ["Hello world", "The quick brown fox", "DeepSeek-V3 is a mixture", "你好世界", "def main(argv):",
            "Tokens are bytes", "In 2024, 671 billion", "Café, naïve"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -196,14 +190,7 @@ def test_full_queue_answers_503_then_recovers(ckpt):
 def test_sigterm_ends_in_flight_requests_and_exits_cleanly(ckpt):
     srv = ServerProcess(ckpt, "--served-model-name", "tiny")
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "temperature": 0, "stream": True}
-    lines: list[str] = []
-
-    def consume() -> None:
-        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
-            lines.extend(r.iter_lines())
-
-    t = threading.Thread(target=consume)
-    t.start()
+    t, lines = stream_in_background(srv.url, body, timeout=60)
     time.sleep(1.0)
     assert srv.stop() == 0
     t.join(30)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import httpx
 import psutil
 import pytest
 from hf_tiny import make_tiny_hf_checkpoint
+from serve_testlib import free_port, stream_in_background
 
 from dsv3_rt.cli import main
 
@@ -24,12 +24,6 @@ N = 10
 EXACT = ["--backend", "reference", "--dtype", "float32"]
 PROMPTS = ["Hello world", "The quick brown fox", "DeepSeek-V3 is a mixture", "你好世界", "def main(argv):", "Café, naïve"]
 START_S = 600  # loading two ranks on a busy 2-core machine can take minutes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_cmd(ckpt: Path, port: int, *extra: str) -> list[str]:
@@ -167,14 +161,7 @@ def test_a_disconnecting_client_does_not_disturb_the_others(server, single):
 def test_sigterm_stops_every_rank_cleanly(server):
     """Last test of the module: it stops the shared server. Rank 0 ends what is in flight, then tells rank 1."""
     body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "stream": True}
-    lines: list[str] = []
-
-    def consume() -> None:
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
-            lines.extend(r.iter_lines())
-
-    t = threading.Thread(target=consume)
-    t.start()
+    t, lines = stream_in_background(server.url, body, timeout=120)
     deadline = time.time() + 60
     while not lines and time.time() < deadline:
         time.sleep(0.05)
