@@ -18,6 +18,7 @@ from dsv3_rt.core.kernels import ExpertWeights
 from dsv3_rt.core.weights import Weight
 
 FEW_SELECTIONS = 16  # up to this many (token, expert) pairs take the C or the Python-grouped path
+C_MLP_ROWS = 16  # a dense MLP over fewer rows (a decode or verify step) is one C call; more go through matmul
 _TILED_BITS = {"int8_tiles": 8, "int4_tiles": 4}
 
 
@@ -33,7 +34,7 @@ def _pointers(*ws: Weight) -> list[int | None]:
 
 def dense_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
     bits = _tiled_bits(gate, up, down)
-    if bits is None or x.shape[0] >= FEW_SELECTIONS:  # many rows: int8 widens to bf16 for oneDNN in matmul
+    if bits is None or x.shape[0] >= C_MLP_ROWS:  # many rows: int8 widens to bf16 for oneDNN in matmul
         return matmul(_swiglu(matmul(x, gate), matmul(x, up)), down)
     xf = x.float().contiguous()
     y = torch.empty_like(xf)
