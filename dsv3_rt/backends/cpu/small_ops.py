@@ -28,6 +28,7 @@ def _fp32(*ts: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x / sqrt(mean(x^2, last dim) + eps) * weight, in fp32."""
     if not _fp32(x, weight):
         return None
     xc, w = x.contiguous(), weight.contiguous()
@@ -37,6 +38,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(x + residual), x + residual), in fp32."""
     if not _fp32(x, residual, weight) or x.shape != residual.shape:
         return None
     xc, rc, w = x.contiguous(), residual.contiguous(), weight.contiguous()
@@ -47,6 +49,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 def moe_route(x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Kernels.moe_route's (weights [T, k] fp32, ids [T, k] int64) for up to ROUTE_TOKENS tokens and an f32 gate."""
     if (gate.format != "f32" or not _fp32(x, gate.data) or x.shape[0] > ROUTE_TOKENS
             or (bias is not None and bias.dtype != torch.float32)):
         return None
