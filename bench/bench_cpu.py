@@ -39,7 +39,7 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def _prompt(n: int, vocab: int) -> list[int]:
+def prompt_ids(n: int, vocab: int) -> list[int]:
     return [(7 + 31 * i) % (vocab - 2) + 2 for i in range(n)]
 
 
@@ -86,7 +86,7 @@ def worker_dsv3(args: argparse.Namespace) -> dict:
 
     def decode_run() -> float:
         engine = model.engine(max_batch=1, max_len=PROMPT_LEN + args.decode_tokens + 2)
-        engine.submit(_prompt(PROMPT_LEN, cfg.vocab_size), params)
+        engine.submit(prompt_ids(PROMPT_LEN, cfg.vocab_size), params)
         engine.step()  # prefill + first token
         t = time.perf_counter()
         for _ in range(args.decode_tokens):
@@ -95,7 +95,7 @@ def worker_dsv3(args: argparse.Namespace) -> dict:
 
     def prefill(n: int) -> float:
         engine = model.engine(max_batch=1, max_len=n + 2)
-        engine.submit(_prompt(n, cfg.vocab_size), SamplingParams(max_new_tokens=1, ignore_eos=True))
+        engine.submit(prompt_ids(n, cfg.vocab_size), SamplingParams(max_new_tokens=1, ignore_eos=True))
         t = time.perf_counter()
         engine.step()
         return n / (time.perf_counter() - t)
@@ -168,7 +168,7 @@ def worker_hf(args: argparse.Namespace) -> dict:
     weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
     def decode_run() -> float:
-        ids = torch.tensor([_prompt(PROMPT_LEN, vocab)])
+        ids = torch.tensor([prompt_ids(PROMPT_LEN, vocab)])
         out = model(ids, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
@@ -178,7 +178,7 @@ def worker_hf(args: argparse.Namespace) -> dict:
         return args.decode_tokens / (time.perf_counter() - t)
 
     def prefill(n: int) -> float:
-        ids = torch.tensor([_prompt(n, vocab)])
+        ids = torch.tensor([prompt_ids(n, vocab)])
         t = time.perf_counter()
         model(ids, use_cache=True, logits_to_keep=1)
         return n / (time.perf_counter() - t)
@@ -202,16 +202,16 @@ def worker_llama(args: argparse.Namespace) -> dict:
 
     def decode_run() -> float:
         llm.reset()
-        llm.eval(_prompt(PROMPT_LEN, vocab))
+        llm.eval(prompt_ids(PROMPT_LEN, vocab))
         t = time.perf_counter()
         for i in range(args.decode_tokens):
-            llm.eval([_prompt(PROMPT_LEN + i + 1, vocab)[-1]])
+            llm.eval([prompt_ids(PROMPT_LEN + i + 1, vocab)[-1]])
         return args.decode_tokens / (time.perf_counter() - t)
 
     def prefill(n: int) -> float:
         llm.reset()
         t = time.perf_counter()
-        llm.eval(_prompt(n, vocab))
+        llm.eval(prompt_ids(n, vocab))
         return n / (time.perf_counter() - t)
 
     decode_run()

@@ -13,6 +13,7 @@ import pytest
 from dsv3_rt.cli import main as cli_main
 from dsv3_rt.conformance import FAILING, STATUSES, Suite, Tolerance, suite_for
 from dsv3_rt.conformance.suite import all_cases
+from dsv3_rt.core.errors import BackendError
 from dsv3_rt.core.kernels import DTYPES, OPS, Capabilities, Kernels
 
 
@@ -45,6 +46,24 @@ class OnlyFloat32(Kernels):
 
     def rms_norm(self, x, weight, eps):  # noqa: ANN001, ANN201
         return super().rms_norm(x, weight, eps)
+
+
+class OneDevice(Kernels):
+    """A backend on a machine with one accelerator (NCCL refuses two ranks on one GPU)."""
+
+    name = "one-device"
+
+    @classmethod
+    def local_device_count(cls) -> int:
+        return 1
+
+
+def test_multi_rank_case_is_skipped_with_fewer_devices_than_ranks():
+    (rec,) = Suite(OneDevice).run(lambda c: c.op == "model.distributed")
+    assert rec.status == "skip" and "needs 2 local devices" in rec.message and "has 1" in rec.message
+    OneDevice.check_local_rank(0)
+    with pytest.raises(BackendError, match="local rank 1 needs one-device device 1, but this machine has 1"):
+        OneDevice.check_local_rank(1)
 
 
 def test_skips_come_from_capabilities_and_fallbacks_are_reported():

@@ -9,6 +9,7 @@ from dsv3_rt.core.checkpoint import RandomSource
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.engine import Engine
 from dsv3_rt.core.kernels import Kernels
+from dsv3_rt.core.plugins import registry
 from dsv3_rt.core.loader import WeightBuilder, expected_shapes
 from dsv3_rt.core.sampling import SamplingParams
 from dsv3_rt.core.speculative import verify, verify_greedy
@@ -30,6 +31,19 @@ def test_greedy_output_is_unchanged(tiny, k):
         assert tiny.generate(p, max_new_tokens=8, mtp=k) == want
         spec = tiny.last_engine.spec
         assert spec.drafted > 0 and spec.verify_steps > 0
+
+
+BACKEND_DTYPES = [(b.name, d) for b in registry().available() if b.name != "reference" for d in b.cls.capabilities.dtypes]
+
+
+@pytest.mark.parametrize(("backend", "dtype"), BACKEND_DTYPES)
+def test_greedy_output_is_unchanged_on_every_available_backend(backend, dtype):
+    """The same check on each backend this machine has (a GPU run includes cuda / rocm), in every format."""
+    model = dsv3_rt.load("tiny", backend=backend, dtype=dtype, progress=False)
+    for p in PROMPTS[1::3]:
+        want = model.generate(p, max_new_tokens=6)
+        for k in (1, 3):
+            assert model.generate(p, max_new_tokens=6, mtp=k) == want, (backend, dtype, k)
 
 
 def test_greedy_in_a_batch_with_mixed_lengths(tiny):

@@ -24,6 +24,7 @@ from dsv3_rt.core.weights import dense, fp8_weight, quantize_fp8_block
 K = load_kernels()
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 FP8 = FP8_HERE
+HOPPER = not INTERPRETED and torch.version.hip is None and torch.cuda.get_device_capability() >= (9, 0)
 
 
 def deepseek_act_quant(x: torch.Tensor, dtype: torch.dtype, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,9 +127,13 @@ def test_fp8_gemm_matches_deepseek_formula(dtype: torch.dtype, m: int) -> None:
         want += part * a_s[:, kb, None].double() * b_s[:, kb].double().repeat_interleave(128)[:n][None, :]
     args = (a.to(DEVICE), a_s.to(DEVICE), b.to(DEVICE), b_s.to(DEVICE))
     got = K["gemm"].fp8_gemm(*args, out_dtype=torch.float32).cpu().double()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # Hopper's FP8 wgmma (tiles of 64+ rows) sums each 128-deep block with ~14 bits (gemm.py's docstring:
+    # measured 2.1e-4 of max|C| here); everywhere else the block sums are exact in fp32
+    wgmma = HOPPER and K["gemm"].gemm_tiles(m)[0] >= 64
+    hw_err = 2.0 ** -10 * want.abs().max().item() if wgmma else 0.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item() + hw_err)
     got16 = K["gemm"].fp8_gemm(*args, out_dtype=torch.bfloat16).cpu().double()
-    torch.testing.assert_close(got16, want, rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(got16, want, rtol=2 ** -7, atol=1e-6 + hw_err)
 
 
 def _mla_case(heads: int, r: int, dr: int, dn: int, dv: int, spans: list[tuple[int, int, int]], seed: int = 3):

@@ -21,4 +21,4 @@ def split_vs_single(model: Model, reference: Callable[[], Model], tol: Tolerance
 
 
 def distributed_cases() -> list[ModelCase]:
-    return [ModelCase("model.distributed", "float32", f"tp/ep over {WORLD} ranks", split_vs_single)]
+    return [ModelCase("model.distributed", "float32", f"tp/ep over {WORLD} ranks", split_vs_single, ranks=WORLD)]

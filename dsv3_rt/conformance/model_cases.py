@@ -45,6 +45,7 @@ class ModelCase:
     dtype: str
     shape: str
     run: Callable[[Model, Callable[[], Model], Tolerance], Comparison]  # (backend model, reference model getter, tol)
+    ranks: int = 1  #: local processes the case starts, one per accelerator
 
     @property
     def id(self) -> str:

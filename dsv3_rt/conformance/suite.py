@@ -132,6 +132,10 @@ class Suite:
             rec.status, rec.message = "fallback", "not in capabilities.ops: the reference kernels run it"
             return
         if isinstance(c, ModelCase):
+            devices = self.cls.local_device_count() if c.ranks > 1 else None
+            if devices is not None and devices < c.ranks:
+                rec.status, rec.message = "skip", f"needs {c.ranks} local devices (one per rank); this machine has {devices}"
+                return
             tol = tolerance_for(self.cls, c.op, c.dtype, MODEL_TOLERANCES)
             result = c.run(self._model("backend", load_dtype), lambda: self._model("reference", load_dtype), tol)
         else:

@@ -127,6 +127,22 @@ class Kernels:
         return Availability(True, "pure torch, runs anywhere torch does")
 
     @classmethod
+    def local_device_count(cls) -> int | None:
+        """Accelerators on this machine, one per local rank (collective libraries such as NCCL refuse two ranks
+        on one device); None for host-memory backends, which run any number of ranks."""
+        return None
+
+    @classmethod
+    def check_local_rank(cls, local_rank: int) -> None:
+        """A clear error when `local_rank` has no device of its own (before NCCL/HCCL fails obscurely)."""
+        from dsv3_rt.core.errors import BackendError
+
+        count = cls.local_device_count()
+        if count is not None and local_rank >= count:
+            raise BackendError(f"local rank {local_rank} needs {cls.name} device {local_rank}, but this machine has "
+                               f"{count}: start at most {count} rank(s) per machine, one per device")
+
+    @classmethod
     def bind_local_device(cls, local_rank: int) -> None:
         """In a multi-process run, make this process use accelerator `local_rank` (before joining the process
         group). Host-memory backends have nothing to bind."""

@@ -72,9 +72,14 @@ class AscendBackend(Kernels):
         return torch.npu.get_device_name(0)  # type: ignore[attr-defined]
 
     @classmethod
+    def local_device_count(cls) -> int | None:
+        import_torch_npu()
+        return torch.npu.device_count()  # type: ignore[attr-defined]
+
+    @classmethod
     def bind_local_device(cls, local_rank: int) -> None:
         """One NPU per rank; HCCL uses the current device."""
-        import_torch_npu()
+        cls.check_local_rank(local_rank)
         torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
 
     def __init__(self, dtype: str = "bfloat16", device: str | torch.device | None = None, **options: Any) -> None:

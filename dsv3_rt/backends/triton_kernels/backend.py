@@ -69,8 +69,13 @@ class TritonBackend(Kernels):
         return torch.float32 if dtype == "float32" else torch.bfloat16
 
     @classmethod
+    def local_device_count(cls) -> int | None:
+        return torch.cuda.device_count()  # torch's HIP build answers to torch.cuda too
+
+    @classmethod
     def bind_local_device(cls, local_rank: int) -> None:
-        """One GPU per rank (torch's HIP build answers to torch.cuda too); NCCL/RCCL use the current device."""
+        """One GPU per rank; NCCL/RCCL use the current device."""
+        cls.check_local_rank(local_rank)
         torch.cuda.set_device(local_rank)
 
     # --- hooks for subclasses -------------------------------------------------------------------------------

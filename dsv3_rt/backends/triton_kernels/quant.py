@@ -21,12 +21,13 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, K, n_groups, FP8_MAX: tl.constexpr, U
     mask = offs < K
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
-    s = amax / FP8_MAX
+    # div_rn: the IEEE-rounded quotient of DeepSeek's formula (a GPU's default fp32 `/` is approximate, 1 ulp off)
+    s = tl.math.div_rn(amax, FP8_MAX)
     if UE8M0:
         s = tl.exp2(tl.ceil(tl.log2(s)))  # power-of-two scale (DeepSeek V3.1 "ue8m0")
     # Clamp before the cast: e4m3fnuz has no saturation (an out-of-range cast gives NaN), and x / s may
     # round a hair above FP8_MAX.
-    y = tl.minimum(tl.maximum(x / s, -FP8_MAX), FP8_MAX)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FP8_MAX), FP8_MAX)
     tl.store(y_ptr + row * K + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * n_groups + g, s)
 
