@@ -2,8 +2,9 @@
 
 Decode (few rows) is memory-bound: read the weight once in its packed form, through our C kernels for
 int8_tiles / int4_tiles and torch's weight-only kernels otherwise. Prefill (many rows) is compute-bound:
-int8 weights are widened to bf16 for oneDNN's AVX512_BF16 GEMM, which beats the weight-only kernels there
-(measured: m=1024, N=5632, K=2048: 0.34 s vs 0.79 s, 1 thread); int4_tiles stays on its VNNI kernel.
+int8_tiles runs W8A8 through torch's int8 GEMM (activations rounded per row), other int8 / fp8 weights are
+widened to bf16 for oneDNN's AVX512_BF16 GEMM, and int4_tiles stays on its VNNI kernel. Measured (N=5632,
+K=2048, 1024 rows, 1 thread, CPU time): W8A8 82 ms, bf16 widening 123 ms, the int8 C kernel 337 ms.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from dsv3_rt.core.weights import Weight
 
 #: rows from which a quantised weight is widened to bf16 for a oneDNN GEMM instead of the weight-only kernel
 WIDEN_ROWS = 128
-#: the same for int8_tiles: the C kernel widens each weight vector once for every 4 rows, so from about 32 rows
-#: on oneDNN's bf16 GEMM is faster (measured: N=5632, K=2048, 2 threads: 32 rows 4.3 vs 3.2 ms; 16: 2.3 vs 5.7)
+#: the same for int8_tiles, whose prefill path is W8A8: the C kernel widens each weight vector once for every 4
+#: rows, so from about 32 rows on the int8 GEMM is faster (N=2048, K=1408, 1 thread, CPU time: 32 rows 1.3 vs
+#: 2.2 ms; 16 rows 1.0 vs 1.1); the bf16 paths keep the same threshold
 TILES_WIDEN_ROWS = 32
 #: bf16 bytes of weight one widening step holds: widening a whole matrix made a bf16 copy (and an untiled int8
 #: one) per call, 33 MiB for a 5632 x 2048 MLP matrix. Measured (1024 rows, that matrix, 1 thread, CPU time):
@@ -52,9 +54,7 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
         return F.linear(x, data if data.dtype == x.dtype else data.to(x.dtype))
     if fmt == "int8_tiles":
         if x.shape[0] >= TILES_WIDEN_ROWS:
-            xb = _pad_rows(x.to(torch.bfloat16))
-            return _by_rows(x, n, _widen_step(k, TILE_ROWS),
-                            lambda r0, r1: F.linear(xb, untile_int8(data[r0:r1]).to(torch.bfloat16)) * scale[r0:r1])
+            return int8_w8a8_matmul(x, data, scale).to(x.dtype)
         return int8_tiles_matmul(x, data, scale).to(x.dtype)
     if fmt == "int4_tiles":  # at every batch size: its int8 dot products outrun widening to bf16 for oneDNN
         return int4_tiles_matmul(x, data, n).to(x.dtype)  # (N=5632, K=2048, 1024 rows: 40 vs 63 ms for int8)
@@ -120,6 +120,19 @@ def int8_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor)
     y = torch.empty(m, n, dtype=torch.float32)
     native.library().dsv3_int8_tiles_matmul(xf.data_ptr(), tiles.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k)
     return y
+
+
+def int8_w8a8_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Prefill: x [M, K] rounded to int8 per row (symmetric, amax / 127, as SGLang's CPU W8A8 does per token),
+    times the int8 weight through torch's int8 GEMM (exact int32 sums; VNNI), both scales on the output: fp32 [M, N].
+    Twice bf16's GEMM rate here (N=5632, K=2048, 1024 rows, 2 threads: 28 vs 58 ms); the untiled weight is
+    made a slice at a time (`_widen_step`), as the bf16 path widened it."""
+    xf = x.float()
+    xs = xf.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    xq = _pad_rows(torch.round(xf / xs).to(torch.int8))
+    xs = _pad_rows(xs)
+    n, k = tiles.shape
+    return _by_rows(xf, n, _widen_step(k, TILE_ROWS), lambda r0, r1: torch._int_mm(xq, untile_int8(tiles[r0:r1]).t()).float().mul_(xs).mul_(scale[r0:r1]))
 
 
 def int4_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:
