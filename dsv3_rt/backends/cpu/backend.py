@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import attention, moe, native, small_ops
 from dsv3_rt.backends.cpu.formats import (can_tile, can_tile_int4, convert_rows, fp8_to_dense, quantize_int4, quantize_int4_tiles_weight,
-                                          quantize_int8_weight)
+                                          quantize_int8_weight, release_free_heap)
 from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
@@ -86,6 +86,12 @@ class CpuBackend(Kernels):
 
     # --- weights --------------------------------------------------------------------------------------------
     def prepare_weight(self, w: Weight, usage: str) -> Weight:
+        prepared = self._convert(w, usage)
+        if prepared is not w:
+            release_free_heap()
+        return prepared
+
+    def _convert(self, w: Weight, usage: str) -> Weight:
         if usage == "router":
             return dense(w.dequantize(torch.float32))
         quantised = self.dtype in ("int8", "int4")

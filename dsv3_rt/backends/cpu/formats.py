@@ -121,6 +121,15 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc `malloc_trim`). Converting a weight frees its
+    temporaries between long-lived weight buffers, and glibc keeps such holes: trimming after each weight took
+    the bench preset's int8 load from a 1876 to a 1754 MiB peak (1638 MiB after it, against 1798)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only (musl has none)
+        libc.malloc_trim(0)
+
+
 def weight_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor for weights that decoding streams, its whole 2 MiB pages marked for transparent huge
     pages before they are first touched (Linux). With 4 KiB pages every 4 KiB of a stream costs a TLB miss and a
