@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_data import HELDOUT_RULE, encode_stream, eval_windows, split_files, stdlib_files  # noqa: E402
-from tiny_export import EVAL_LEN, hf_tensors, to_checkpoint_dtypes  # noqa: E402
+from tiny_export import EVAL_LEN, hf_tensors, runtime_quality, to_checkpoint_dtypes  # noqa: E402
 from tiny_model import ARCH, TinyDeepseekV3, hf_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,29 +233,9 @@ def save(work: Path, model: TinyDeepseekV3, args, steps: int, seconds: float, hi
 
 
 def runtime_mtp_quality(ckpt: Path, windows: list[np.ndarray]) -> dict:
-    """Through dsv3_rt (reference backend, fp32): held-out perplexity, MTP top-1 vs the data's token i+2, and
-    agreement of the MTP argmax with the main model's argmax at i+1 (what greedy decoding accepts)."""
-    import dsv3_rt
-    from dsv3_rt.core.batch import AttnBatch
-
-    model = dsv3_rt.load(ckpt, backend="reference", dtype="float32", progress=False)
-    g = model.graph
-    nll, hits, agree, n = [], 0, 0, 0
-    with torch.no_grad():
-        for w in windows:
-            ids = torch.from_numpy(w.astype(np.int64))
-            cache = g.new_cache(1, len(ids))
-            batch = AttnBatch.single(len(ids), device=model.kernels.device)
-            hidden = g.forward(ids, batch, cache)
-            main = g.logits(hidden).cpu().float()
-            nll.append(torch.nn.functional.cross_entropy(main[:-1], ids[1:], reduction="none"))
-            _, normed = g.mtp(0, hidden, torch.cat([ids[1:], ids[:1]]), batch, cache)
-            pred = g.logits(normed).argmax(-1).cpu()[:-2]  # position i predicts token i + 2
-            hits += int((pred == ids[2:]).sum())
-            agree += int((pred == main.argmax(-1)[1:-1]).sum())
-            n += len(ids) - 2
-    return {"perplexity": round(math.exp(float(torch.cat(nll).mean())), 3), "mtp_top1_accuracy": round(hits / n, 4),
-            "mtp_main_agreement": round(agree / n, 4)}
+    """tiny_export's runtime measures (dsv3_rt reference backend, fp32) under quality.json's names."""
+    nll, top1, agreement = runtime_quality(ckpt, windows)
+    return {"perplexity": round(math.exp(nll), 3), "mtp_top1_accuracy": round(top1, 4), "mtp_main_agreement": round(agreement, 4)}
 
 
 def tensor_digests(path: Path) -> dict[str, str]:

@@ -101,27 +101,30 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")
 
 
-def runtime_quality(out: Path, windows: list[np.ndarray]) -> tuple[float, float]:
-    """(mean NLL, MTP top-1 accuracy) of the export loaded by dsv3_rt's reference backend in fp32."""
+def runtime_quality(out: Path, windows: list[np.ndarray]) -> tuple[float, float, float]:
+    """(mean NLL, MTP top-1 accuracy vs the data's token i+2, agreement of the MTP argmax with the main model's
+    argmax at i+1: what greedy decoding accepts) of the export loaded by dsv3_rt's reference backend in fp32."""
     import dsv3_rt
     from dsv3_rt.core.batch import AttnBatch
 
     model = dsv3_rt.load(out, backend="reference", dtype="float32", progress=False)
     g = model.graph
-    nll, hits, n_mtp = [], 0, 0
+    nll, hits, agree, n_mtp = [], 0, 0, 0
     with torch.no_grad():
         for w in windows:
             ids = torch.from_numpy(w.astype(np.int64))
             cache = g.new_cache(1, len(ids))
             batch = AttnBatch.single(len(ids), device=model.kernels.device)
             hidden = g.forward(ids, batch, cache)
-            nll.append(window_nll(g.logits(hidden).cpu(), ids))
+            main = g.logits(hidden).cpu()
+            nll.append(window_nll(main, ids))
             next_ids = torch.cat([ids[1:], ids[:1]])  # the last position's next token is unused (causal)
             _, normed = g.mtp(0, hidden, next_ids, batch, cache)
             pred = g.logits(normed).argmax(-1).cpu()[:-2]  # position i predicts token i + 2
             hits += int((pred == ids[2:]).sum())
+            agree += int((pred == main.argmax(-1)[1:-1]).sum())
             n_mtp += len(ids) - 2
-    return float(torch.cat(nll).mean()), hits / n_mtp
+    return float(torch.cat(nll).mean()), hits / n_mtp, agree / n_mtp
 
 
 def greedy_compile_rate(out: Path, tok) -> dict:
@@ -215,8 +218,8 @@ def export(work: Path, out: Path, eval_limit: int | None = None) -> dict:
     held = eval_windows(encode_stream(tok, [t for _, t in held_files]), EVAL_LEN, eval_limit)
     sample = eval_windows(encode_stream(tok, [t for _, t in sample_files]), EVAL_LEN, SAMPLE_WINDOWS)
     ngram = NgramBaselines(train_ids, tok.get_vocab_size())
-    full_nll, mtp_acc = runtime_quality(out, held)
-    sample_nll, _ = runtime_quality(out, sample)
+    full_nll, mtp_acc, _ = runtime_quality(out, held)
+    sample_nll, _, _ = runtime_quality(out, sample)
     base, base_sample = ngram.nll(held), ngram.nll(sample)
     ppl = lambda x: round(math.exp(x), 3)  # noqa: E731
     quality = {
