@@ -117,7 +117,7 @@ class Engine:
         out: list[tuple[Sequence, int]] = []
         if ready:
             rows = [r for i in ready for r in range(offsets[i] + len(chunks[i]) - 1 - len(seqs[i].drafts), offsets[i] + len(chunks[i]))]
-            logits = self.graph.logits(hidden[torch.tensor(rows, device=k.device)])
+            logits = self.graph.logits(_take_rows(hidden, rows))
             new = self._new_tokens([seqs[i] for i in ready], logits)
             for i, toks in zip(ready, new):
                 seq = seqs[i]
@@ -168,14 +168,14 @@ class Engine:
             next_ids += s.tokens[s.mtp_cached + 1: s.cached + 1]
             lengths.append(s.cached - s.mtp_cached)
         batch = AttnBatch.build([seqs[i].slot for i in live], [seqs[i].mtp_cached for i in live], lengths, dev)
-        h, normed = self.graph.mtp(0, hidden[torch.tensor(rows, device=dev)],
+        h, normed = self.graph.mtp(0, _take_rows(hidden, rows),
                                    torch.tensor(next_ids, dtype=torch.int64, device=dev), batch, self.cache)
         for i in live:
             seqs[i].mtp_cached = seqs[i].cached
         drafting = [(j, seqs[i]) for j, i in enumerate(live) if seqs[i].cached == len(seqs[i].tokens) - 1 and self._draft_len(seqs[i]) > 0]
-        last = torch.tensor([batch.last_token_rows[j] for j, _ in drafting], dtype=torch.int64, device=dev)
+        last = [batch.last_token_rows[j] for j, _ in drafting]
         group = [s for _, s in drafting]
-        h, normed = h[last], normed[last]
+        h, normed = _take_rows(h, last), _take_rows(normed, last)
         depth = 0
         while group:
             logits = self.graph.logits(normed)
@@ -242,6 +242,13 @@ class Engine:
         while self.has_work:
             self.step()
         return [s.generated for s in seqs]
+
+
+def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows]: a view when the rows are consecutive (a step's usual case), else a gather."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0]:rows[0] + len(rows)]
+    return x[torch.tensor(rows, dtype=torch.int64, device=x.device)]
 
 
 def _greedy(seq: Sequence) -> bool:
