@@ -136,6 +136,8 @@ class Engine:
     def _new_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[list[int]]:
         """New tokens per ready sequence from its logits rows (1 row, or k + 1 rows verifying k drafts)."""
         if not any(s.drafts for s in seqs):
+            if all(_greedy(s) for s in seqs):  # temperature 0 is the first argmax: no draws, no sampling tensors
+                return [[t] for t in self.graph.agree(logits.argmax(dim=-1)).tolist()]
             return [[t] for t in self.sample(seqs, logits)]
         k, row, result = self.graph.k, 0, []
         best = logits.argmax(dim=-1).tolist() if any(_greedy(s) for s in seqs) else []
@@ -211,6 +213,8 @@ class Engine:
 
     def _agree_lists(self, lists: list[list[int]]) -> list[list[int]]:
         """Rank 0's token lists on every rank (identity in a single process)."""
+        if self.graph.par.world_group is None:
+            return lists
         width = max(len(x) for x in lists)
         t = torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.int64, device=self.graph.k.device)
         return [[v for v in row if v >= 0] for row in self.graph.agree(t).tolist()]
