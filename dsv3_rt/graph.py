@@ -180,3 +180,12 @@ class DeepseekV3:
         if self.par.world_group is None:
             return tokens
         return self.k.all_reduce(tokens if self.par.is_main else torch.zeros_like(tokens), self.par.world_group)
+
+    def agree_lists(self, lists: list[list[int]]) -> list[list[int]]:
+        """`agree` for token lists of different lengths (padded with -1 for the collective, which a single
+        process skips)."""
+        if self.par.world_group is None:
+            return lists
+        width = max(len(x) for x in lists)
+        t = torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.int64, device=self.k.device)
+        return [[v for v in row if v >= 0] for row in self.agree(t).tolist()]

@@ -134,7 +134,8 @@ def test_linear(dtype, m):
     w = k.prepare_weight(checkpoint_weight(192, 256, dtype=dtype), "linear")
     x = torch.randn(m, 256).to(k.compute_dtype)
     w8a8 = dtype == "int8" and m >= TILES_WIDEN_ROWS and w.format == "int8_tiles"  # per-row int8 activations
-    close(k.linear(x, w), reference_for(k).linear(x, w), dtype, CpuBackend.conformance_tolerances["linear*:int8"].atol if w8a8 else None)
+    tol = CpuBackend.conformance_tolerances["linear*:int8"].atol if w8a8 else None
+    close(k.linear(x, w), reference_for(k).linear(x, w), dtype, tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

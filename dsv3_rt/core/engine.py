@@ -154,7 +154,7 @@ class Engine:
             self.spec.verify_tokens += len(toks)
             result.append(toks)
             row += n
-        return self._agree_lists(result)
+        return self.graph.agree_lists(result)
 
     def _draft(self, seqs: list[Sequence], starts: list[int], offsets: list[int], hidden: torch.Tensor) -> None:
         """Run the MTP module over every position the main model just confirmed, then draft each decoding
@@ -182,12 +182,12 @@ class Engine:
         while group:
             logits = self.graph.logits(normed)
             if all(_greedy(s) for s in group):  # greedy verification needs the drafts only, not their distributions
-                drafts = self._agree_lists([[t] for t in logits.argmax(dim=-1).tolist()])
+                drafts = self.graph.agree_lists([[t] for t in logits.argmax(dim=-1).tolist()])
                 for s, d in zip(group, drafts):
                     s.drafts.append(d[0])
             else:
                 probs = k.sampling_probs(logits, *self._params(group, dev))
-                drafts = self._agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
+                drafts = self.graph.agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
                 for j, s in enumerate(group):
                     s.drafts.append(drafts[j][0])
                     s.draft_probs = probs[j:j + 1] if s.draft_probs is None else torch.cat([s.draft_probs, probs[j:j + 1]])
@@ -210,14 +210,6 @@ class Engine:
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64, device=dev)
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
         return temp, top_k, top_p
-
-    def _agree_lists(self, lists: list[list[int]]) -> list[list[int]]:
-        """Rank 0's token lists on every rank (identity in a single process)."""
-        if self.graph.par.world_group is None:
-            return lists
-        width = max(len(x) for x in lists)
-        t = torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.int64, device=self.graph.k.device)
-        return [[v for v in row if v >= 0] for row in self.graph.agree(t).tolist()]
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         u = torch.stack([torch.rand((), generator=s.generator) for s in seqs]).to(logits.device)

@@ -125,14 +125,14 @@ def int8_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor)
 def int8_w8a8_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Prefill: x [M, K] rounded to int8 per row (symmetric, amax / 127, as SGLang's CPU W8A8 does per token),
     times the int8 weight through torch's int8 GEMM (exact int32 sums; VNNI), both scales on the output: fp32 [M, N].
-    Twice bf16's GEMM rate here (N=5632, K=2048, 1024 rows, 2 threads: 28 vs 58 ms); the untiled weight is
-    made a slice at a time (`_widen_step`), as the bf16 path widened it."""
+    The untiled weight is made a slice at a time (`_widen_step`), as the bf16 path widened it."""
     xf = x.float()
     xs = xf.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
     xq = _pad_rows(torch.round(xf / xs).to(torch.int8))
     xs = _pad_rows(xs)
     n, k = tiles.shape
-    return _by_rows(xf, n, _widen_step(k, TILE_ROWS), lambda r0, r1: torch._int_mm(xq, untile_int8(tiles[r0:r1]).t()).float().mul_(xs).mul_(scale[r0:r1]))
+    return _by_rows(xf, n, _widen_step(k, TILE_ROWS),
+                    lambda r0, r1: torch._int_mm(xq, untile_int8(tiles[r0:r1]).t()).float().mul_(xs).mul_(scale[r0:r1]))
 
 
 def int4_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ def _pointers(*ws: Weight) -> list[int | None]:
 
 def dense_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
     bits = _tiled_bits(gate, up, down)
-    if bits is None or x.shape[0] >= C_MLP_ROWS:  # many rows: int8 widens to bf16 for oneDNN in matmul
+    if bits is None or x.shape[0] >= C_MLP_ROWS:  # many rows: matmul's prefill paths (int8: W8A8 GEMM)
         return matmul(_swiglu(matmul(x, gate), matmul(x, up)), down)
     xf = x.float().contiguous()
     y = torch.empty_like(xf)
