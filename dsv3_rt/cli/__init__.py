@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from dsv3_rt.core import distributed
 from dsv3_rt.core.errors import Dsv3Error
 
 #: subcommand name -> module under dsv3_rt.cli (each defines add_parser(subparsers) and main(args) -> int)
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return distributed.exit_now_if_broken(_run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # a launcher re-runs the same command on each rank

@@ -144,12 +144,26 @@ def init_from_env(tp: int | None = None, ep: int | None = None, backend: str = "
         raise DistributedError(f"rank {rank} of {world}: cannot join the run at {addr}:{port} ({_first_line(e)})") from e
 
 
+_collective_failed = False  # set once a collective of this process failed: its process group is broken
+
+
 def shutdown() -> None:
     """Leave the run (no-op when not distributed)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_now_if_broken(code: int) -> int:
+    """After a failed collective, end the process at once with `code`: tearing down a broken gloo group at
+    interpreter exit can destroy a still-joinable worker thread, and std::terminate turns exit 1 into SIGABRT
+    (seen in CI once in many runs). Otherwise return `code` for a normal exit."""
+    if _collective_failed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 @contextlib.contextmanager
@@ -164,6 +178,8 @@ def collective_errors(parallel: Parallel) -> Iterator[None]:
 
         if parallel.world_size == 1 or (not isinstance(e, dist.DistError) and "gloo" not in str(e).lower()):
             raise
+        global _collective_failed
+        _collective_failed = True
         raise DistributedError(
             f"rank {parallel.rank} of {parallel.world_size}: a collective failed because another rank stopped answering "
             f"(it exited, was killed, or took longer than ${ENV_TIMEOUT}={timeout_s():g}s): {_first_line(e)}") from e
@@ -350,7 +366,7 @@ def start_local(job: Path, world: int, fn: Callable[..., Any], *args: Any, tp: i
     with open(job / "job.pkl", "wb") as f:
         pickle.dump((fn, args, tp, ep, backend), f)
     env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    cmd = [sys.executable, "-c", "import sys; from dsv3_rt.core.distributed import _child; sys.exit(_child(sys.argv[1]))", str(job)]
+    cmd = [sys.executable, "-c", "import sys; from dsv3_rt.core.distributed import _child, exit_now_if_broken as done; sys.exit(done(_child(sys.argv[1])))", str(job)]
     return start_ranks(cmd, world, env)
 
 
