@@ -214,12 +214,33 @@ def make_gguf(tmp: Path, name: str = "tiny.gguf", ftype: str = "f32", seed: int 
 
 
 # --- llama.cpp --------------------------------------------------------------------------------------------------
+def open_llama(path: Path, **kwargs: Any):  # noqa: ANN201 - llama_cpp.Llama
+    """llama.cpp on `path` without its extra weight buffer types (as `llama-cli --no-repack`).
+
+    On CPUs with AMX (Intel Sapphire Rapids and later) llama.cpp puts Q8_0/Q4_K weights in AMX buffers, and
+    these tiny models' batched attn_k_b product then has no backend that can read its weight: context
+    creation aborts (GGML_ASSERT(*cur_backend_id != -1), seen with 0.3.36) and takes pytest with it. Without
+    them every CPU runs the same plain vec_dot kernels, the ones `dsv3_rt.core.ggml_act` describes."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    def params():  # noqa: ANN202 - llama_model_params
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    default = llama_cpp.llama_model_default_params
+    llama_module.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default
+
+
 def llama_logits(path: Path, ids: list[int], n_ctx: int = 512) -> torch.Tensor:
     """llama.cpp's logits [len(ids), vocab] for one prompt, with an F32 KV cache (the F16 default costs ~5e-3)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2, n_threads_batch=2,
-                logits_all=True, type_k=0, type_v=0, verbose=False, seed=0)
+    llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2, n_threads_batch=2,
+                     logits_all=True, type_k=0, type_v=0, seed=0)
     try:
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
@@ -228,9 +249,7 @@ def llama_logits(path: Path, ids: list[int], n_ctx: int = 512) -> torch.Tensor:
 
 
 def llama_tokenize(path: Path, text: str) -> list[int]:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = open_llama(path, vocab_only=True)
     try:
         return llm.tokenize(text.encode(), add_bos=True, special=True)
     finally:

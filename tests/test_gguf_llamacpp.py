@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import numpy as np
-from gguf_testlib import BASE, dequantized_copy, llama_logits, llama_quantize, llama_tokenize, make_gguf, max_abs, positions, top1_agreement
+from gguf_testlib import (BASE, dequantized_copy, llama_logits, llama_quantize, llama_tokenize, make_gguf, max_abs, open_llama,
+                          positions, top1_agreement)
 
 from dsv3_rt.core.gguf import open_gguf
 from dsv3_rt.core.kernels import Kernels, RouterSpec
@@ -78,13 +79,11 @@ def ours(path: Path, ids: list[int], activations: str = "exact", model=None) -> 
 def short_contexts(path: Path, model, n: int = 32, length: int = 4) -> float:  # noqa: ANN001
     """The fraction of positions whose logits equal llama.cpp's to 1e-4 over `n` fresh prompts of `length`
     tokens (short, so that an ulp-induced rounding flip rarely has later positions to spread to)."""
-    from llama_cpp import Llama
-
     g = torch.Generator().manual_seed(7)
     vocab = model.config.vocab_size
     prompts = [[0] + torch.randint(20, vocab - 11, (length - 1,), generator=g).tolist() for _ in range(n)]
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_ubatch=64, n_threads=2, n_threads_batch=2,
-                logits_all=True, type_k=0, type_v=0, verbose=False, seed=0)
+    llm = open_llama(path, n_ctx=64, n_batch=64, n_ubatch=64, n_threads=2, n_threads_batch=2,
+                     logits_all=True, type_k=0, type_v=0, seed=0)
     try:
         diffs = []
         for p in prompts:
