@@ -102,8 +102,9 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
 def _by_rows(x: torch.Tensor, n: int, step: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """[M, N] in x's dtype with columns r0:r1 = the first M rows of rows(r0, r1), x (maybe row-padded) times
     rows r0:r1 of the weight. A column of a GEMM sums the same products in the same order whichever other
-    columns it computes with (checked bit for bit against the whole-matrix product in tests/test_cpu_memory.py),
-    so only the widened copy gets smaller."""
+    columns it computes with (checked bit for bit against the whole-matrix product in tests/test_cpu_memory.py;
+    oneDNN's AMX kernels block that sum by the shape, so there an entry can move by a bf16 step), so only the
+    widened copy gets smaller."""
     m = x.shape[0]
     if step >= n:
         return rows(0, n)[:m].to(x.dtype)
