@@ -237,9 +237,10 @@ def open_llama(path: Path, **kwargs: Any):  # noqa: ANN201 - llama_cpp.Llama
         llama_module.llama_cpp.llama_model_default_params = default
 
 
-def llama_logits(path: Path, ids: list[int], n_ctx: int = 512) -> torch.Tensor:
-    """llama.cpp's logits [len(ids), vocab] for one prompt, with an F32 KV cache (the F16 default costs ~5e-3)."""
-    llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2, n_threads_batch=2,
+def llama_logits(path: Path, ids: list[int], n_ctx: int = 512, n_ubatch: int | None = None) -> torch.Tensor:
+    """llama.cpp's logits [len(ids), vocab] for one prompt, with an F32 KV cache (the F16 default costs ~5e-3),
+    evaluated in one batch (or in batches of n_ubatch tokens; 1: as llama.cpp decodes)."""
+    llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch or n_ctx, n_threads=2, n_threads_batch=2,
                      logits_all=True, type_k=0, type_v=0, seed=0)
     try:
         llm.eval(ids)
@@ -305,4 +306,69 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return dst
+
+
+# --- a trained model in k-quant dimensions ----------------------------------------------------------------------
+def widened_default_model(dst: Path, hidden: int = 256, q_lora: int = 256, heads: int = 4, v_dim: int = 64,
+                          moe_ff: int = 256) -> Path:
+    """The trained default model (hidden 192) widened with zeros to dimensions whose rows llama.cpp's k-quants
+    take (multiples of 256), as an fp32 checkpoint; without its MTP module.
+
+    Zero columns, rows and a fourth all-zero head leave every product as it was; norms over a widened
+    dimension are rescaled by sqrt(live / total) so the normed values stay the same (up to the eps term).
+    A random model is tie-prone (flat logits); this one gives real text the peaked predictions of a trained
+    model, so the top-1 agreement it measures is not dominated by logit near-ties."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
+    from dsv3_rt.core.weights import fp8_weight
+
+    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    raw = load_file(DEFAULT_MODEL_DIR / "model.safetensors")
+    d0, ql0, h0, ff0 = cfg["hidden_size"], cfg["q_lora_rank"], cfg["num_attention_heads"], cfg["moe_intermediate_size"]
+    dn, dr, dv0, r = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+
+    def pad(t: torch.Tensor, *shape: int) -> torch.Tensor:
+        z = torch.zeros(shape)
+        z[tuple(slice(0, n) for n in t.shape)] = t
+        return z
+
+    def norm(w: torch.Tensor, n: int) -> torch.Tensor:
+        return pad(w * math.sqrt(w.numel() / n), n)
+
+    def ff(n: int) -> int:
+        return moe_ff if n == ff0 else n  # experts widen, the dense layer's 512 stays
+
+    rules = {  # suffix -> how the [N, K] (or [n]) tensor widens
+        "input_layernorm.weight": lambda w: norm(w, hidden), "post_attention_layernorm.weight": lambda w: norm(w, hidden),
+        "model.norm.weight": lambda w: norm(w, hidden), "q_a_layernorm.weight": lambda w: norm(w, q_lora),
+        "kv_a_layernorm.weight": lambda w: w, "e_score_correction_bias": lambda w: w,
+        "embed_tokens.weight": lambda w: pad(w, w.shape[0], hidden), "lm_head.weight": lambda w: pad(w, w.shape[0], hidden),
+        "mlp.gate.weight": lambda w: pad(w, w.shape[0], hidden), "q_a_proj.weight": lambda w: pad(w, q_lora, hidden),
+        "q_b_proj.weight": lambda w: pad(w.view(h0, dn + dr, ql0), heads, dn + dr, q_lora).flatten(0, 1),
+        "kv_a_proj_with_mqa.weight": lambda w: pad(w, r + dr, hidden),
+        "kv_b_proj.weight": lambda w: torch.cat([pad(w.view(h0, dn + dv0, r)[:, :dn], heads, dn, r),
+                                                 pad(w.view(h0, dn + dv0, r)[:, dn:], heads, v_dim, r)], 1).flatten(0, 1),
+        "o_proj.weight": lambda w: pad(w.view(d0, h0, dv0), hidden, heads, v_dim).flatten(1),
+        "gate_proj.weight": lambda w: pad(w, ff(w.shape[0]), hidden), "up_proj.weight": lambda w: pad(w, ff(w.shape[0]), hidden),
+        "down_proj.weight": lambda w: pad(w, hidden, ff(w.shape[1])),
+    }
+    out: dict[str, torch.Tensor] = {}
+    for name, t in raw.items():
+        if name.endswith("_scale_inv") or name.startswith(f"model.layers.{cfg['num_hidden_layers']}."):
+            continue  # scales are applied below; the MTP module (llama.cpp drops it) is left out
+        w = fp8_weight(t, raw[name + "_scale_inv"]).dequantize(torch.float32) if t.dtype == torch.float8_e4m3fn else t.float()
+        wide = next(rule for suffix, rule in rules.items() if name.endswith(suffix))(w)
+        out[name] = wide  # fp32: FP8 again would block the moved head columns differently, bf16 flips routes
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, dst / "model.safetensors")
+    del cfg["quantization_config"]
+    cfg.update(hidden_size=hidden, q_lora_rank=q_lora, num_attention_heads=heads, num_key_value_heads=heads,
+               v_head_dim=v_dim, moe_intermediate_size=moe_ff, num_nextn_predict_layers=0)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEFAULT_MODEL_DIR / f, dst / f)
     return dst

@@ -8,7 +8,9 @@ contexts the logits equal llama.cpp's to 1e-4, and on one long prompt they do so
 where an fp32 ulp of difference (summation order, softmax/silu arithmetic) moves one activation across a
 rounding boundary; from there the difference reaches every later position through attention. So the
 long-prompt top-1 agreement is measured on the positions without an expert near-tie and asserted with that
-margin (see `test_quantised_files_match_llama_cpp`).
+margin (see `test_quantised_files_match_llama_cpp`). A random model's flat logits make that number mostly a
+count of logit near-ties, so the trained default model, widened to k-quant dimensions, is checked too, on real
+text and against llama.cpp's agreement with itself (`test_trained_model_agrees_as_llama_cpp_agrees_with_itself`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 import numpy as np
 from gguf_testlib import (BASE, dequantized_copy, llama_logits, llama_quantize, llama_tokenize, make_gguf, max_abs, open_llama,
-                          positions, top1_agreement)
+                          positions, top1_agreement, widened_default_model)
 
 from dsv3_rt.core.gguf import open_gguf
 from dsv3_rt.core.kernels import Kernels, RouterSpec
@@ -164,12 +166,17 @@ def k_source(files: Path) -> Path:
     return make_gguf(files, "kq-src.gguf", ftype="f32", **_k_quant_config())[0]
 
 
-#: minimum top-1 agreement with llama.cpp on one 160-token prompt, positions without an expert near-tie, with
-#: activations="ggml-cpu" (measured on this machine: q8_0 1.000, Q4_K_M 0.974, Q5_K_M 0.990, Q6_K 0.979,
-#: Q3_K_M 0.981, Q2_K 1.000; without the rounding 0.979 / 0.918 / 0.902 / 0.911 / 0.970 / 0.958). The
-#: issue asks 0.99; what stops it is the rounding-flip cascade, not the emulated rounding (see the module
-#: docstring), so the bound has the margin such a cascade needs on other CPUs.
+#: minimum top-1 agreement with llama.cpp on one 160-token prompt of this random model, positions without an
+#: expert near-tie, with activations="ggml-cpu" (measured on an Intel Sapphire Rapids: q8_0 1.000, Q4_K_M 0.957,
+#: Q5_K_M 0.990, Q6_K 0.979, Q3_K_M 0.981, Q2_K 1.000; without the rounding 0.979 / 0.918 / 0.902 / 0.911 /
+#: 0.970 / 0.958; Q4_K_M was 0.974 on an AMD EPYC). The issue asks 0.99; what stops it is the rounding-flip
+#: cascade, not the emulated rounding (see the module docstring): llama.cpp itself, evaluating the same
+#: prompt one token at a time instead of in one batch, agrees with its batched run on 0.930 of these Q4_K_M
+#: positions (1.000 / 0.990 / 1.000 / 0.981 / 1.000 for the others). On 160 positions one flip is 0.6 %.
 MIN_AGREEMENT = 0.95
+#: our top-1 agreement with llama.cpp may fall this far below llama.cpp's own agreement between evaluating a
+#: prompt in one batch and one token at a time (`test_trained_model_agrees_as_llama_cpp_agrees_with_itself`)
+SELF_MARGIN = 0.015
 
 
 @pytest.mark.parametrize("quant", ["q8_0", *K_QUANTS])
@@ -201,18 +208,67 @@ def test_quantised_files_match_llama_cpp(files: Path, k_source: Path, quant: str
     no_expert_tie = margins_g >= TAU
     clear = ~near_ties(margins_g, mine_g)
     agree = top1_agreement(mine_g, ref, no_expert_tie)
+    itself = top1_agreement(llama_logits(path, ids, n_ubatch=1), ref, no_expert_tie)  # see the trained-model test
     before = top1_agreement(mine, ref, margins >= TAU)
     within = [int(((m - ref).abs().amax(-1) < 1e-4).sum()) for m in (mine_g, mine)]
     print(f"{quant} {sorted(types)}: vs llama.cpp on the decoded weights max |diff| {exact:.1e}; vs llama.cpp on the file, "
           f"activations='ggml-cpu': {same_numerics:.0%} of short-context positions within 1e-4, top-1 {agree:.3f} on "
           f"{int(no_expert_tie.sum())}/{len(ids)} positions without an expert near-tie ({before:.3f} without the rounding), "
-          f"{top1_agreement(mine_g, ref, clear):.3f} without any near-tie, {top1_agreement(mine_g, ref):.3f} on all; "
+          f"{top1_agreement(mine_g, ref, clear):.3f} without any near-tie, {top1_agreement(mine_g, ref):.3f} on all "
+          f"(llama.cpp one token at a time vs batched: {itself:.3f} without an expert near-tie); "
           f"logits within 1e-4 at {within[0]} positions (without the rounding {within[1]})")
     assert exact < 1e-4
     assert same_numerics >= 0.9
     assert no_expert_tie.sum() >= len(ids) // 2 and clear.sum() >= len(ids) // 4
     assert agree >= MIN_AGREEMENT
     assert top1_agreement(mine_g, ref, clear) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def trained_f32(files: Path) -> Path:
+    from dsv3_rt.cli import main as cli
+
+    dst = files / "trained-f32.gguf"
+    assert cli(["convert", "--to", "gguf", str(widened_default_model(files / "trained-hf")), str(dst), "--type", "f32"]) == 0
+    return dst
+
+
+@pytest.mark.parametrize("quant", ["LLAMA_FTYPE_MOSTLY_Q8_0", "LLAMA_FTYPE_MOSTLY_Q4_K_M"])
+def test_trained_model_agrees_as_llama_cpp_agrees_with_itself(files: Path, trained_f32: Path, quant: str) -> None:
+    """The trained default model in k-quant dimensions (`widened_default_model`, through `dsv3-rt convert`),
+    quantised by llama.cpp, on the held-out stdlib text (8 windows of 256 tokens).
+
+    Yardstick: llama.cpp against itself, the prompt evaluated in one batch and then one token at a time (as
+    it decodes): the same file, only the summation order of its fp32 kernels changes. That moves its own
+    top-1 on 0.3-1.5 % of the positions here (the activation roundings amplify an ulp, module docstring), so
+    our top-1 agreement with the batched run must be within SELF_MARGIN of that, and exact at the positions
+    without any near-tie. Measured here: Q8_0 0.991 vs llama.cpp's own 0.999, Q4_K_M 0.988 vs 0.988 (on the
+    positions without an expert near-tie, the issue's measure: 0.994 and 1.000); with activations="exact"
+    0.979 and 0.956, which fails."""
+    from dsv3_rt.core.default_model import heldout_windows
+    from dsv3_rt.core.tokenizer import Tokenizer
+
+    path = llama_quantize(trained_f32, files / f"trained-{quant}.gguf", quant)
+    types = {t.ggml_type.name for t in open_gguf(path).source.tensors.values()}
+    assert ("Q4_K" if "Q4_K" in quant else "Q8_0") in types
+    model = our_model(path, "ggml-cpu")
+    mine, margins, batched, stepped = [], [], [], []
+    for ids in heldout_windows(Tokenizer.from_dir(path.parent / "trained-hf")):
+        logits, m = ours(path, ids, model=model)
+        mine.append(logits)
+        margins.append(m)
+        batched.append(llama_logits(path, ids))
+        stepped.append(llama_logits(path, ids, n_ubatch=1))
+    mine, margins, batched, stepped = map(torch.cat, (mine, margins, batched, stepped))
+    agree, itself = top1_agreement(mine, batched), top1_agreement(stepped, batched)
+    no_expert_tie = margins >= TAU
+    clear = ~near_ties(margins, mine)
+    print(f"trained {quant} {sorted(types)}: top-1 vs llama.cpp {agree:.4f} on {len(mine)} positions (llama.cpp one token "
+          f"at a time vs batched {itself:.4f}); without an expert near-tie {top1_agreement(mine, batched, no_expert_tie):.4f} "
+          f"({top1_agreement(stepped, batched, no_expert_tie):.4f}) on {int(no_expert_tie.sum())}; without any near-tie "
+          f"{top1_agreement(mine, batched, clear):.4f} on {int(clear.sum())}")
+    assert agree >= itself - SELF_MARGIN
+    assert top1_agreement(mine, batched, clear) >= 0.995
 
 
 def test_ggml_cpu_numerics_legacy_layout_and_cpu_backend(files: Path) -> None:
