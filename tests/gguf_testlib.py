@@ -214,19 +214,21 @@ def make_gguf(tmp: Path, name: str = "tiny.gguf", ftype: str = "f32", seed: int 
 
 
 # --- llama.cpp --------------------------------------------------------------------------------------------------
-def open_llama(path: Path, **kwargs: Any):  # noqa: ANN201 - llama_cpp.Llama
-    """llama.cpp on `path` without its extra weight buffer types (as `llama-cli --no-repack`).
+def open_llama(path: Path, extra_buffers: bool = False, **kwargs: Any):  # noqa: ANN201 - llama_cpp.Llama
+    """llama.cpp on `path`, by default without its extra weight buffer types (as `llama-cli --no-repack`).
 
-    On CPUs with AMX (Intel Sapphire Rapids and later) llama.cpp puts Q8_0/Q4_K weights in AMX buffers, and
-    these tiny models' batched attn_k_b product then has no backend that can read its weight: context
-    creation aborts (GGML_ASSERT(*cur_backend_id != -1), seen with 0.3.36) and takes pytest with it. Without
-    them every CPU runs the same plain vec_dot kernels, the ones `dsv3_rt.core.ggml_act` describes."""
+    On CPUs with AMX (Intel Sapphire Rapids and later) llama.cpp puts Q8_0/Q4_K/F16 weights in AMX buffers,
+    and deepseek2's batched attn_k_b product then has no backend that can read its weight: context creation
+    aborts (GGML_ASSERT(*cur_backend_id != -1), seen with 0.3.36) and takes the process with it. Without
+    them every CPU runs the same plain vec_dot kernels, the ones `dsv3_rt.core.ggml_act` describes.
+    extra_buffers=True keeps llama.cpp's default (bench/bench_cpu.py tries it first: the repacked kernels
+    are its fastest)."""
     import llama_cpp
     import llama_cpp.llama as llama_module
 
     def params():  # noqa: ANN202 - llama_model_params
         p = default()
-        p.use_extra_bufts = False
+        p.use_extra_bufts = extra_buffers
         return p
 
     default = llama_cpp.llama_model_default_params
