@@ -72,7 +72,7 @@ needs_native = pytest.mark.skipif(native.library() is None, reason=f"no C kernel
 
 @needs_native
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])  # the kernel shares one widened weight vector by up to 4 rows
-def test_int8_tiles_kernel_is_the_dequantised_matmul(m):
+def test_int8_tiles_kernel_is_the_dequantised_matmul(m):  # 208 columns: not a multiple of 64, fp32 activations
     w = quantize_int8(torch.randn(3, 40, 208) * 0.02)  # a stack of 3 experts
     tiles = tile_int8(w)
     assert torch.equal(untile_int8(tiles.data), w.data) and torch.equal(tiles.dequantize(), w.dequantize())
@@ -103,12 +103,30 @@ def test_int4_tiles_kernel_is_llama_cpp_style_int8_activation_dot(m):
     torch.manual_seed(m)
     q = quantize_int4_tiles(torch.randn(32, 256) * 0.02)
     x = torch.randn(m, 256) * torch.rand(m, 256)  # uneven magnitudes across groups
-    groups = x.view(m, 4, 64)
+    want = _rounded_per_64(x).double() @ q.dequantize().double().T
+    torch.testing.assert_close(int4_tiles_matmul(x, q.data, 32).double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not native.has_int4(), reason=f"no VNNI kernels here: {native.unavailable_reason() or 'no AVX-512 VNNI'}")
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_int8_tiles_kernel_with_vnni_rounds_activations_per_64(m):
+    """Rows of 64k columns take the VNNI path: x rounded per 64-column group as for int4, exact int32 sums."""
+    from dsv3_rt.backends.cpu.matmul import int8_tiles_matmul
+
+    torch.manual_seed(m)
+    w = quantize_int8(torch.randn(40, 256) * 0.02)
+    tiles = tile_int8(w)
+    x = torch.randn(m, 256) * torch.rand(m, 256)
+    want = _rounded_per_64(x).double() @ w.dequantize().double().T
+    torch.testing.assert_close(int8_tiles_matmul(x, tiles.data, tiles.scale).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def _rounded_per_64(x: torch.Tensor) -> torch.Tensor:
+    """x with each 64-column group rounded to int8 steps of max|x| / 127, half to even, as the C kernels do."""
+    groups = x.view(x.shape[0], -1, 64)
     amax = groups.abs().amax(-1, keepdim=True)
     step_inverse = torch.full_like(amax, 127.0) / amax  # as C computes it (torch's 127.0 / t is 127 * (1 / t))
-    rounded = torch.round(groups * step_inverse) * (amax / 127.0)
-    want = rounded.view(m, 256).double() @ q.dequantize().double().T
-    torch.testing.assert_close(int4_tiles_matmul(x, q.data, 32).double(), want, atol=1e-5, rtol=1e-5)
+    return (torch.round(groups * step_inverse) * (amax / 127.0)).view_as(x)
 
 
 def test_int8_without_native_kernels_keeps_torch_layout(monkeypatch):

@@ -4,7 +4,7 @@ Plain C files and `cc -O3 -march=native -fopenmp` build in about a second, with 
 to do at install time. The library links the `libgomp.so.1` torch already loaded, so the kernels share torch's
 OpenMP thread team and thread count. When there is no compiler, the CPU lacks AVX-512, or DSV3RT_NATIVE=0,
 `library()` is None, `unavailable_reason()` says why, and the backend keeps torch's kernels; the 4-bit kernel
-also needs AVX-512 VNNI (`has_int4()`).
+and int8's rounded-activation path also need AVX-512 VNNI (`has_int4()`).
 """
 from __future__ import annotations
 

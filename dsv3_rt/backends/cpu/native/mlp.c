@@ -14,10 +14,13 @@
 
 void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
                            long b);
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ROUNDS_ACTIVATIONS(bits, k) ((bits) == 4 || (k) % 64 == 0) /* see int8_tiles.c */
 void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum);
 void dsv3_int4_tiles_block(const uint8_t *tiles, const int8_t *xq, const float *dx, const int32_t *xsum, float *y,
                            long m, long n, long k, long b);
+void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const int32_t *xsum, const int8_t *tiles,
+                             const uint16_t *scale, float *y, long m, long n, long k, long b);
 #endif
 
 /* One matrix of a stack: its bytes (int8: n*k; int4: 576 per 16 x 64 tile) and its bf16 scales (int8 only). */
@@ -32,16 +35,20 @@ static matrix pick(int bits, const void *data, const void *scale, long e, long n
     return w;
 }
 
-/* y [m, n] = x [m, k] @ w.T; for int4, x is first rounded to int8 per group (xq, dx, xsum). */
+/* y [m, n] = x [m, k] @ w.T; for int4 (and int8 with VNNI), x is first rounded to int8 per group (xq, dx, xsum). */
 typedef struct {
     const float *x; matrix w; float *y; long m, n, k;
     int8_t *xq; float *dx; int32_t *xsum;
 } product;
 
 static void block(int bits, const product *p, long b) {
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
     if (bits == 4) {
         dsv3_int4_tiles_block(p->w.data, p->xq, p->dx, p->xsum, p->y, p->m, p->n, p->k, b);
+        return;
+    }
+    if (p->xq) {
+        dsv3_int8_tiles_block_q(p->xq, p->dx, p->xsum, (const int8_t *)p->w.data, p->w.scale, p->y, p->m, p->n, p->k, b);
         return;
     }
 #endif
@@ -65,8 +72,8 @@ static void run(int bits, product *ps, long count) {
         total += p->n / block_rows(bits);
         work += p->m * p->n * p->k;
         p->xq = NULL;
-#if defined(__AVX512VNNI__)
-        if (bits == 4) {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        if (ROUNDS_ACTIVATIONS(bits, p->k)) {
             p->xq = malloc(p->m * p->k);
             p->dx = malloc(p->m * p->k / 64 * sizeof(float));
             p->xsum = malloc(p->m * p->k / 64 * sizeof(int32_t));
