@@ -172,7 +172,9 @@ void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const float *w_uk
                        long start, float scale) {
     const mla_args m = { q_nope, q_pe, w_uk, w_uv_t, keys, out, heads, dn, dr, r, dv, start, scale };
     const long items = n * ((heads + HEAD_BLOCK - 1) / HEAD_BLOCK);
-    if (n * heads * (start + n) * (r + dr) < 262144) {
+    /* per token and head: the two weight products (dn x r, r x dv) and the scores and sums over the context;
+     * the weights alone are 2 MiB a layer at DeepSeek's shapes, worth both threads even for a short context */
+    if (n * heads * (dn * r + r * dv + 2 * (start + n) * (r + dr)) < 262144) {
         for (long t = 0; t < items; t++) mla_item(&m, t);
     } else {
         #pragma omp parallel for schedule(static)
