@@ -12,9 +12,10 @@ dequantised tensor by tensor, never as a whole BF16 model):
 | float32  | fp32                                  | fp32       | fp32      | fp32        |
 
 *int8_tiles for the C kernel (`native/`) where it builds (AVX-512 and a C compiler), else int8_rowwise for
-torch's `_weight_int8pack_mm`: the same values and scales either way. int8 runs fp32 activations: the C
-kernel widens the weight to fp32 anyway, and at batch 1 torch's small bf16 ops (norms, attention over the
-latent, casts around every matmul) cost more than fp32 ones (measured on the bench preset: 44.8 -> 57.1 tok/s).
+torch's `_weight_int8pack_mm`: the same values and scales either way. int8 runs fp32 activations between the
+matmuls: at batch 1 torch's small bf16 ops (norms, attention over the latent, casts around every matmul) cost
+more than fp32 ones (measured on the bench preset: 44.8 -> 57.1 tok/s). Inside an int8 matmul they are rounded
+to int8 (per 64 columns at decode with AVX-512 VNNI, per row for prefill), see the tolerances below.
 
 `load(..., dtype="float32", activations="ggml-cpu")` keeps the fp32 weights and rounds each activation row
 as llama.cpp's CPU matmul does for the weight's stored GGUF type (`dsv3_rt.core.ggml_act`; MLA then runs
@@ -68,7 +69,7 @@ class CpuBackend(Kernels):
            for dtype, reason in (("int4", "the int4_tiles kernel rounds activations to int8 per 64-column group (as "
                                           "llama.cpp's 4-bit dot products do), on top of bf16-level rounding"),
                                  ("int8", "prefill (32+ rows) rounds activations to int8 per row for torch's int8 GEMM "
-                                          "(W8A8 with per-token scales, as SGLang's CPU backend); decode keeps them fp32"))},
+                                          "(W8A8 with per-token scales, as SGLang's CPU backend); decode with VNNI per 64-column group"))},
     }
 
     @classmethod
