@@ -3,9 +3,9 @@ conversion a few rows at a time, prefill GEMMs that widen a slice of the weight 
 attention over groups of heads, and experts stacked as they are read."""
 from __future__ import annotations
 
-import pytest
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 

@@ -366,7 +366,7 @@ def start_local(job: Path, world: int, fn: Callable[..., Any], *args: Any, tp: i
     with open(job / "job.pkl", "wb") as f:
         pickle.dump((fn, args, tp, ep, backend), f)
     env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    cmd = [sys.executable, "-c", "import sys; from dsv3_rt.core.distributed import _child, exit_now_if_broken as done; sys.exit(done(_child(sys.argv[1])))", str(job)]
+    cmd = [sys.executable, "-c", "import sys; from dsv3_rt.core.distributed import _child; sys.exit(_child(sys.argv[1]))", str(job)]
     return start_ranks(cmd, world, env)
 
 
@@ -393,4 +393,4 @@ def _child(job_dir: str) -> int:
         print(f"dsv3-rt: rank {rank}: error: {msg}", file=sys.stderr)
         if not isinstance(e, Dsv3Error):
             traceback.print_exc()
-        return 1
+        return exit_now_if_broken(1)

@@ -120,7 +120,7 @@ def int8_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor)
     xf = x.float().contiguous()
     m, (n, k) = xf.shape[0], tiles.shape
     y = torch.empty(m, n, dtype=torch.float32)
-    native.library().dsv3_int8_tiles_matmul(xf.data_ptr(), tiles.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k)
+    native.library().dsv3_tiles_matmul(8, xf.data_ptr(), tiles.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k)
     return y
 
 
@@ -143,5 +143,5 @@ def int4_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Ten
     m, k = xf.shape
     assert tiles.numel() == n * k // 64 // 16 * INT4_TILE_BYTES
     y = torch.empty(m, n, dtype=torch.float32)
-    native.library().dsv3_int4_tiles_matmul(xf.data_ptr(), tiles.data_ptr(), y.data_ptr(), m, n, k)
+    native.library().dsv3_tiles_matmul(4, xf.data_ptr(), tiles.data_ptr(), None, y.data_ptr(), m, n, k)
     return y

@@ -82,8 +82,8 @@ def library() -> ctypes.CDLL | None:
         _reason = f"could not build the C kernels: {e}"
         return None
     vp, long = ctypes.c_void_p, ctypes.c_long
-    lib.dsv3_int8_tiles_matmul.argtypes = [vp, vp, vp, vp, long, long, long]
-    lib.dsv3_int8_tiles_matmul.restype = None
+    lib.dsv3_tiles_matmul.argtypes = [ctypes.c_int, vp, vp, vp, vp, long, long, long]
+    lib.dsv3_tiles_matmul.restype = None
     lib.dsv3_mlp.argtypes = [ctypes.c_int, vp, long, long, long] + [vp] * 7
     lib.dsv3_moe_experts.argtypes = [ctypes.c_int, vp, vp, vp] + [long] * 6 + [vp] * 7
     lib.dsv3_mlp.restype = lib.dsv3_moe_experts.restype = None
@@ -95,16 +95,13 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_rope.argtypes = [vp, vp, vp, long, long, long]
     for fn in (lib.dsv3_rms_norm, lib.dsv3_add_rms_norm, lib.dsv3_moe_route, lib.dsv3_mla_absorbed, lib.dsv3_rope):
         fn.restype = None
-    if hasattr(lib, "dsv3_int4_tiles_matmul"):  # compiled only where the CPU has AVX-512 VNNI
-        lib.dsv3_int4_tiles_matmul.argtypes = [vp, vp, vp, long, long, long]
-        lib.dsv3_int4_tiles_matmul.restype = None
     return lib
 
 
 def has_int4() -> bool:
     """Whether the 4-bit (VNNI) kernel is there."""
     lib = library()
-    return lib is not None and hasattr(lib, "dsv3_int4_tiles_matmul")
+    return lib is not None and hasattr(lib, "dsv3_int4_tiles_block")  # compiled only where the CPU has AVX-512 VNNI
 
 
 def unavailable_reason() -> str | None:

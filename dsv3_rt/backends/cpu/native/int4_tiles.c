@@ -11,7 +11,6 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 
@@ -86,23 +85,6 @@ void dsv3_int4_tiles_block(const uint8_t *tiles, const int8_t *xq, const float *
         case 2: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 2); break;
         case 1: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 1); break;
     }
-}
-
-/* x [m, k] fp32, tiles [n/16, k/64, 576] bytes, y [m, n] fp32; n % 16 == 0, k % 64 == 0. */
-void dsv3_int4_tiles_matmul(const float *x, const uint8_t *tiles, float *y, long m, long n, long k) {
-    int8_t *xq = malloc(m * k);
-    float *dx = malloc(m * k / GROUP * sizeof(float));
-    int32_t *xsum = malloc(m * k / GROUP * sizeof(int32_t));
-    dsv3_int4_quantize(x, m, k, xq, dx, xsum);
-    if (n * k * m < 65536) {  /* a thread team costs more than it saves */
-        for (long b = 0; b < n / ROWS; b++) dsv3_int4_tiles_block(tiles, xq, dx, xsum, y, m, n, k, b);
-    } else {
-        #pragma omp parallel for schedule(static)
-        for (long b = 0; b < n / ROWS; b++) dsv3_int4_tiles_block(tiles, xq, dx, xsum, y, m, n, k, b);
-    }
-    free(xq);
-    free(dx);
-    free(xsum);
 }
 
 #endif

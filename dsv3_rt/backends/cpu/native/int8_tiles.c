@@ -70,11 +70,8 @@ void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <stdlib.h>
 #define GROUP 64
 #define PREFETCH 2048 /* bytes ahead of the group being read (1024-4096 measured the same) */
-
-void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum);
 
 /* Sum of each 128-bit lane (one tile row: 4 int32 lanes of column quads) of v. */
 static inline __m128 row_sums(__m512 v) {
@@ -116,7 +113,8 @@ static inline __attribute__((always_inline)) void tile_rows_q(const int8_t *xq, 
         _mm_storeu_ps(y + (m0 + m) * n + n0, _mm_mul_ps(_mm_sub_ps(row_sums(out[m]), _mm_set1_ps(corr[m])), s));
 }
 
-/* dsv3_int8_tiles_block over activations rounded by dsv3_int4_quantize (k % 64 == 0). */
+/* dsv3_int8_tiles_block over activations rounded by dsv3_int4_quantize (k % 64 == 0). Whole products, with the
+ * rounding and the thread team, run through dsv3_tiles_matmul (mlp.c), as the 4-bit ones do. */
 void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const int32_t *xsum, const int8_t *tiles,
                              const uint16_t *scale, float *y, long m, long n, long k, long b) {
     const int8_t *tile = tiles + b * TILE_ROWS * k;
@@ -129,33 +127,3 @@ void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const int32_t *x
     }
 }
 #endif
-
-/* x [m, k] fp32, tiles [n/4, k/16, 4, 16] int8, scale [n] bf16, y [m, n] fp32; n % 4 == 0, k % 16 == 0. */
-void dsv3_int8_tiles_matmul(const float *x, const int8_t *tiles, const uint16_t *scale, float *y,
-                            long m, long n, long k) {
-    const int team = n * k * m >= 65536;  /* a thread team costs more than it saves below (entering one: ~0.5 us) */
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (k % GROUP == 0) {
-        int8_t *xq = malloc(m * k);
-        float *dx = malloc(m * k / GROUP * sizeof(float));
-        int32_t *xsum = malloc(m * k / GROUP * sizeof(int32_t));
-        dsv3_int4_quantize(x, m, k, xq, dx, xsum);
-        if (!team) {
-            for (long b = 0; b < n / TILE_ROWS; b++) dsv3_int8_tiles_block_q(xq, dx, xsum, tiles, scale, y, m, n, k, b);
-        } else {
-            #pragma omp parallel for schedule(static)
-            for (long b = 0; b < n / TILE_ROWS; b++) dsv3_int8_tiles_block_q(xq, dx, xsum, tiles, scale, y, m, n, k, b);
-        }
-        free(xq);
-        free(dx);
-        free(xsum);
-        return;
-    }
-#endif
-    if (!team) {
-        for (long b = 0; b < n / TILE_ROWS; b++) dsv3_int8_tiles_block(x, tiles, scale, y, m, n, k, b);
-        return;
-    }
-    #pragma omp parallel for schedule(static)
-    for (long b = 0; b < n / TILE_ROWS; b++) dsv3_int8_tiles_block(x, tiles, scale, y, m, n, k, b);
-}

@@ -98,6 +98,13 @@ static void run(int bits, product *ps, long count) {
         }
 }
 
+/* y [m, n] = x [m, k] @ w.T for one tiled weight (bits 8: int8_tiles with its bf16 row scales; 4: int4_tiles,
+ * VNNI only): the linear layers' entry point, with the same activation rounding and thread team as the MLPs. */
+void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k) {
+    product p = { x, { (const uint8_t *)data, (const uint16_t *)scale }, y, m, n, k };
+    run(bits, &p, 1);
+}
+
 /* SwiGLU of `count` MLPs at once: mlp i maps xs[i] [ms[i], d] to ys[i] through gate/up/down[i]. */
 static void swiglu(int bits, long count, const float *const *xs, const long *ms, const matrix *gate, const matrix *up,
                    const matrix *down, float *const *ys, long d, long inter) {
