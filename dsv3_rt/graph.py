@@ -124,8 +124,8 @@ class DeepseekV3:
                        self.k.rms_norm(hidden, m.hnorm, self.cfg.rms_norm_eps)], dim=-1)  # [T, 2D]
         x = self.k.linear(x, m.eh_proj)  # [T, D]
         h, residual = self.decoder_layer(m.layer, len(self.w.layers) + depth, x, None, batch, cache)
-        out = h + residual
-        return out, self.k.rms_norm(out, m.norm, self.cfg.rms_norm_eps)
+        normed, out = self.k.add_rms_norm(h, residual, m.norm, self.cfg.rms_norm_eps)
+        return out, normed
 
     # --- blocks -----------------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, table: Weight) -> torch.Tensor:

@@ -123,6 +123,9 @@ class CpuBackend(Kernels):
     # --- ops ------------------------------------------------------------------------------------------------
     def embedding(self, ids: torch.Tensor, table: Weight) -> torch.Tensor:
         if table.format == "int8_rowwise":
+            fast = small_ops.embedding_int8(ids, table.data, table.scale) if self.compute_dtype == torch.float32 else None
+            if fast is not None:
+                return fast
             return table.data[ids].to(self.compute_dtype) * table.scale[ids, None].to(self.compute_dtype)
         if table.format in ("f32", "bf16", "f16"):
             return table.data[ids].to(self.compute_dtype)
@@ -151,12 +154,12 @@ class CpuBackend(Kernels):
         return matmul(x, w)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> torch.Tensor:
-        """As the reference, with cos/sin as one complex factor computed once per forward (every layer
-        ropes the same positions twice)."""
-        rot = self._rotation(positions, inv_freq, attention_factor)  # [T, d/2] complex64
-        fast = small_ops.rope(x, rot)
+        """As the reference: in fp32 one C call; otherwise with cos/sin as one complex factor computed once per
+        forward (every layer ropes the same positions twice)."""
+        fast = small_ops.rope(x, positions, inv_freq, attention_factor)
         if fast is not None:
             return fast
+        rot = self._rotation(positions, inv_freq, attention_factor)  # [T, d/2] complex64
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (rot.shape[-1],)
         pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
         return torch.view_as_real(pairs * rot.view(shape)).flatten(-2).to(x.dtype)

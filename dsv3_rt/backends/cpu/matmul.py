@@ -42,9 +42,11 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
 
     Formats not prepared by the cpu backend (e.g. GGUF blocks a loader hands through) are dequantised. A
     weight with a `ggml_act` rule (activations="ggml-cpu", fp32 weights) rounds x as llama.cpp does first."""
+    fmt = w.format
+    if fmt == "int8_tiles" and expert is None and x.dtype == torch.float32 and x.shape[0] < TILES_WIDEN_ROWS:
+        return int8_tiles_matmul(x, w.data, w.scale)  # the decode step's case, ahead of the checks below (~1 us each)
     if ggml_act.KEY in w.meta:
         return ggml_act.weight_matmul(x, w, expert).to(x.dtype)
-    fmt = w.format
     data = w.data if expert is None else w.data[expert]
     scale = w.scale if expert is None or w.scale is None else w.scale[expert]
     n, k = w.shape[-2], w.shape[-1]

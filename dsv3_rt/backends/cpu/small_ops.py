@@ -1,4 +1,4 @@
-"""rms_norm, add_rms_norm, rope, the MoE router and absorbed MLA of a decode step through the C kernels
+"""rms_norm, add_rms_norm, rope, the int8 embedding, the MoE router and absorbed MLA of a decode step through the C kernels
 (`native/ops.c`).
 
 Each takes fp32 and returns None where it does not apply (no C kernels, another dtype, many tokens), so the
@@ -64,15 +64,28 @@ def moe_route(x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: Ro
     return weights, ids
 
 
-def rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor | None:
-    """x [T, .., d] fp32 with pairs (x[2j], x[2j+1]) rotated by rotation [T, d/2] complex64."""
-    if x.dtype != torch.float32 or native.library() is None:
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> torch.Tensor | None:
+    """Kernels.rope for x [T, .., d] fp32: cos and sin come from the positions inside the call, so a decode
+    step's rope is one call with no per-forward rotation table to build (an MTP draft's batch is new each time)."""
+    if not _fp32(x, inv_freq) or positions.dtype != torch.int64:
         return None
-    xc, cs = x.contiguous(), torch.view_as_real(rotation).contiguous()
+    xc, pos = x.contiguous(), positions.contiguous()
     y = torch.empty_like(xc)
     t, d = xc.shape[0], xc.shape[-1]
-    native.library().dsv3_rope(xc.data_ptr(), cs.data_ptr(), y.data_ptr(), t, xc.numel() // (t * d), d)
+    native.library().dsv3_rope(xc.data_ptr(), pos.data_ptr(), inv_freq.contiguous().data_ptr(), factor, y.data_ptr(), t,
+                               xc.numel() // (t * d), d)
     return y
+
+
+def embedding_int8(ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """Rows `ids` of an int8_rowwise table (int8 [V, D], bf16 scale [V]) as fp32 [T, D], in one call: its
+    torch form is four indexing and cast ops, ~20-50 us for a decode step's one token."""
+    if native.library() is None or scale.dtype != torch.bfloat16 or ids.dtype != torch.int64:
+        return None
+    i = ids.contiguous()
+    out = torch.empty(i.shape[0], data.shape[1], dtype=torch.float32)
+    native.library().dsv3_embedding_int8(data.data_ptr(), scale.data_ptr(), i.data_ptr(), out.data_ptr(), i.shape[0], data.shape[1])
+    return out
 
 
 def mla_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor, keys: torch.Tensor,

@@ -182,15 +182,35 @@ void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const float *w_uk
     }
 }
 
-/* Rotate interleaved pairs (x[2j], x[2j+1]) of each row by (cos, sin)[token, j]: x [t, rows_per_token, d]. */
-void dsv3_rope(const float *x, const float *cos_sin, float *y, long t, long rows_per_token, long d) {
-    for (long i = 0; i < t; i++)
+/* Rotate interleaved pairs (x[2j], x[2j+1]) of each row of x [t, rows_per_token, d] by the angle
+ * positions[token] * inv_freq[j], scaled by factor (the reference's rope; cos and sin once per token). */
+void dsv3_rope(const float *x, const int64_t *positions, const float *inv_freq, float factor, float *y, long t,
+               long rows_per_token, long d) {
+    float cs[d];
+    for (long i = 0; i < t; i++) {
+        for (long j = 0; j < d / 2; j++) {
+            const float a = (float)positions[i] * inv_freq[j];
+            cs[2 * j] = cosf(a) * factor;
+            cs[2 * j + 1] = sinf(a) * factor;
+        }
         for (long row = 0; row < rows_per_token; row++) {
-            const float *xr = x + (i * rows_per_token + row) * d, *cs = cos_sin + i * d;
+            const float *xr = x + (i * rows_per_token + row) * d;
             float *yr = y + (i * rows_per_token + row) * d;
             for (long j = 0; j < d; j += 2) {
                 yr[j] = xr[j] * cs[j] - xr[j + 1] * cs[j + 1];
                 yr[j + 1] = xr[j] * cs[j + 1] + xr[j + 1] * cs[j];
             }
         }
+    }
+}
+
+/* out [n, d] = rows ids of an int8 table [V, d] times their bf16 row scales (the int8_rowwise embedding). */
+void dsv3_embedding_int8(const int8_t *data, const uint16_t *scale, const int64_t *ids, float *out, long n, long d) {
+    for (long i = 0; i < n; i++) {
+        const int8_t *row = data + ids[i] * d;
+        const uint32_t bits = (uint32_t)scale[ids[i]] << 16;
+        float s;
+        memcpy(&s, &bits, sizeof s);
+        for (long c = 0; c < d; c++) out[i * d + c] = (float)row[c] * s;
+    }
 }
