@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.kernels import ExpertWeights, Kernels, LatentCache, RouterSpec
 from dsv3_rt.core.parallel import SINGLE, Parallel
@@ -111,19 +111,22 @@ class DeepseekV3:
         return self.k.all_gather(part, self.par.tp_group, dim=-1)
 
     def mtp(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, batch: AttnBatch,
-            cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+            cache: LatentCache, every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth`: predict the token after `next_ids` from the main model's hidden state.
 
         hidden [T, D]: final-normed main hidden at position i (or the previous MTP output when chaining),
-        next_ids [T]: the token at position i + 1. Returns (output hidden [T, D] before the shared norm, for
-        chaining; the shared head's normed input [T, D], for `logits`). Its cache layer follows the main ones.
+        next_ids [T]: the token at position i + 1. Every position enters the module's latent cache (its layer
+        follows the main ones), but only each sequence's last one goes on through attention and the MoE, since
+        drafting reads nothing else (every_position: all of them, to score the module at each position).
+        Returns (output hidden before the shared norm, for chaining; the shared head's normed input, for
+        `logits`), [B, D] per sequence, or [T, D] with every_position.
         """
         m = self.w.mtp[depth]
         e = self.embed(next_ids, m.embed or self.w.embed)
         x = torch.cat([self.k.rms_norm(e, m.enorm, self.cfg.rms_norm_eps),
                        self.k.rms_norm(hidden, m.hnorm, self.cfg.rms_norm_eps)], dim=-1)  # [T, 2D]
         x = self.k.linear(x, m.eh_proj)  # [T, D]
-        h, residual = self.decoder_layer(m.layer, len(self.w.layers) + depth, x, None, batch, cache)
+        h, residual = self.decoder_layer(m.layer, len(self.w.layers) + depth, x, None, batch, cache, last_only=not every_position)
         normed, out = self.k.add_rms_norm(h, residual, m.norm, self.cfg.rms_norm_eps)
         return out, normed
 
@@ -137,21 +140,33 @@ class DeepseekV3:
         return self.k.all_reduce(h, self.par.tp_group)
 
     def decoder_layer(self, lw: LayerWeights, index: int, h: torch.Tensor, residual: torch.Tensor | None,
-                      batch: AttnBatch, cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-norm block; returns (block output, residual stream before it): their sum is the new stream."""
+                      batch: AttnBatch, cache: LatentCache, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block; returns (block output, residual stream before it): their sum is the new stream.
+        last_only: every token enters the cache, the outputs are those of each sequence's last token [B, D]."""
         eps = self.cfg.rms_norm_eps
         if residual is None:
             x, residual = self.k.rms_norm(h, lw.attn_norm, eps), h
         else:
             x, residual = self.k.add_rms_norm(h, residual, lw.attn_norm, eps)
-        h = self.attention(lw.attn, x, index, batch, cache)
+        h = self.attention(lw.attn, x, index, batch, cache, last_only)
+        if last_only:
+            residual = take_rows(residual, batch.last_token_rows)
         x, residual = self.k.add_rms_norm(h, residual, lw.ffn_norm, eps)
         h = self.moe(lw.ffn, x) if isinstance(lw.ffn, MoEWeights) else self.mlp(lw.ffn, x)
         return h, residual
 
-    def attention(self, aw: AttentionWeights, x: torch.Tensor, layer: int, batch: AttnBatch, cache: LatentCache) -> torch.Tensor:
+    def attention(self, aw: AttentionWeights, x: torch.Tensor, layer: int, batch: AttnBatch, cache: LatentCache,
+                  last_only: bool = False) -> torch.Tensor:
+        """[T, D] -> [T, D] (last_only: [B, D], the last token of each sequence; the others only enter the cache)."""
         cfg, k = self.cfg, self.k
         dn, dr, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        kv = k.linear(x, aw.kv_a)  # [T, r + dr]
+        latent = k.rms_norm(kv[:, :r].contiguous(), aw.kv_a_norm, cfg.rms_norm_eps)  # [T, r]
+        k_pe = k.rope(kv[:, r:].contiguous(), batch.positions, self.inv_freq, self.rope_factor)  # [T, dr]
+        if last_only and batch.num_tokens > len(batch.slots):
+            k.store_latent(latent, k_pe, cache, layer, batch)
+            rows = batch.last_token_rows  # their latents are written again below, with their queries
+            x, latent, k_pe, batch = take_rows(x, rows), take_rows(latent, rows), take_rows(k_pe, rows), batch.last_tokens()
         if aw.q is not None:
             q = k.linear(x, aw.q)
         else:
@@ -159,9 +174,6 @@ class DeepseekV3:
         q = q.view(x.shape[0], self.heads, dn + dr)  # [T, H, dn + dr]
         q_nope, q_pe = q[..., :dn], q[..., dn:]
         q_pe = k.rope(q_pe, batch.positions, self.inv_freq, self.rope_factor)
-        kv = k.linear(x, aw.kv_a)  # [T, r + dr]
-        latent = k.rms_norm(kv[:, :r].contiguous(), aw.kv_a_norm, cfg.rms_norm_eps)  # [T, r]
-        k_pe = k.rope(kv[:, r:].contiguous(), batch.positions, self.inv_freq, self.rope_factor)  # [T, dr]
         o = k.mla_attention(q_nope, q_pe, latent, k_pe, aw.kv_b, cache, layer, batch, self.softmax_scale)  # [T, H, dv]
         return k.all_reduce(k.linear(o.flatten(1), aw.o), self.par.tp_group)
 

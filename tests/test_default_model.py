@@ -85,7 +85,7 @@ def test_mtp_predicts_two_ahead(model, sample_windows: list[list[int]]) -> None:
         batch = AttnBatch.single(len(w))
         with torch.no_grad():
             hidden = g.forward(ids, batch, cache)
-            _, normed = g.mtp(0, hidden, torch.cat([ids[1:], ids[:1]]), batch, cache)
+            _, normed = g.mtp(0, hidden, torch.cat([ids[1:], ids[:1]]), batch, cache, every_position=True)
         pred = g.logits(normed).argmax(-1)[:-2]
         hits += int((pred == ids[2:]).sum())
         n += len(w) - 2

@@ -51,6 +51,29 @@ def test_greedy_in_a_batch_with_mixed_lengths(tiny):
     assert tiny.generate_batch(PROMPTS, params, mtp=2) == tiny.generate_batch(PROMPTS, params)
 
 
+def test_mtp_runs_only_the_last_positions_through_the_layer(tiny):
+    """The drafting form (every position into the MTP cache, only each sequence's last through attention and
+    the MoE) gives the last rows of the every-position form and the same cache, over two sequences of a batch."""
+    from dsv3_rt.core.batch import AttnBatch
+
+    g = tiny.graph
+    batch = AttnBatch.build([0, 1], [0, 0], [5, 3])
+    ids = torch.tensor(PROMPTS[3][:5] + PROMPTS[1][:3])
+    outs, caches = [], []
+    for every in (True, False):
+        cache = g.new_cache(2, 8)
+        hidden = g.forward(ids, batch, cache)
+        outs.append(g.mtp(0, hidden, ids.roll(-1), batch, cache, every_position=every))
+        caches.append(cache)
+    last = torch.tensor(batch.last_token_rows)
+    for full, drafted in zip(*outs):
+        assert drafted.shape == (2, full.shape[1])
+        torch.testing.assert_close(drafted, full[last], rtol=1e-5, atol=1e-5)
+    mtp_layer = g.num_cache_layers - 1
+    torch.testing.assert_close(caches[1].kv[mtp_layer], caches[0].kv[mtp_layer], rtol=0, atol=0)
+    torch.testing.assert_close(caches[1].pe[mtp_layer], caches[0].pe[mtp_layer], rtol=0, atol=0)
+
+
 def test_perfect_drafts_are_all_accepted(tiny, monkeypatch):
     """Drafts equal to the greedy continuation: k accepted per step plus a bonus token, same output."""
     prompt = PROMPTS[3]

@@ -119,7 +119,7 @@ def runtime_quality(out: Path, windows: list[np.ndarray]) -> tuple[float, float,
             main = g.logits(hidden).cpu()
             nll.append(window_nll(main, ids))
             next_ids = torch.cat([ids[1:], ids[:1]])  # the last position's next token is unused (causal)
-            _, normed = g.mtp(0, hidden, next_ids, batch, cache)
+            _, normed = g.mtp(0, hidden, next_ids, batch, cache, every_position=True)
             pred = g.logits(normed).argmax(-1).cpu()[:-2]  # position i predicts token i + 2
             hits += int((pred == ids[2:]).sum())
             agree += int((pred == main.argmax(-1)[1:-1]).sum())

@@ -146,11 +146,15 @@ def case(op: str, variant: str, shape: str, dtypes: tuple[str, ...], check: str 
 
 # --- how each op is called ----------------------------------------------------------------------------------
 def _call_mla(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
-    """Run each step of a scenario on k's own latent cache (its layout is k's business); outputs of every step."""
+    """Run each step of a scenario on k's own latent cache (its layout is k's business); outputs of every step.
+    Steps listed in a["store_only"] only write their latents (`store_latent`): later steps attend over them."""
     cache = k.new_latent_cache(2, a["slots"], a["max_len"], a["r"], a["dr"])
     outs = []
     for i, batch in enumerate(a["batches"]):
         batch = AttnBatch.build(batch.slots, batch.starts, batch.lengths, device=k.device)
+        if i in a.get("store_only", ()):
+            k.store_latent(a[f"kv{i}"], a[f"k_pe{i}"], cache, 1, batch)
+            continue
         outs.append(k.mla_attention(a[f"q_nope{i}"], a[f"q_pe{i}"], a[f"kv{i}"], a[f"k_pe{i}"], a["kv_b"], cache, 1,
                                     batch, a["scale"]))
     return outs
@@ -308,6 +312,20 @@ for _v, _steps, _dims in (
 ):
     _shape = "; ".join(f"starts={s} lengths={n}" for _, s, n in _steps)
     case("mla_attention", _v, f"{_dims}: {_shape}", ACT_DTYPES)(_mla(_steps, _dims))
+
+
+def _store_then_attend(make: Callable[[torch.Generator, str], dict[str, Any]]):
+    """An MTP module's step: step 1 stores the latents of all but each sequence's last token, step 2 attends
+    from those last tokens over them (and a prefix from step 0)."""
+    def wrapped(g, dtype):
+        return {**make(g, dtype), "store_only": (1,)}
+
+    return wrapped
+
+
+CALLS["store_latent"] = _call_mla_sliced
+case("store_latent", "then_attend_last_tokens", "tiny: prefill 12 | store 3 + 2 | attend 1 + 1", ACT_DTYPES)(
+    _store_then_attend(_mla([([0], [0], [12]), ([0, 2], [12, 0], [3, 2]), ([0, 2], [15, 2], [1, 1])], "tiny")))
 
 
 # --- MoE routing -------------------------------------------------------------------------------------------

@@ -46,6 +46,11 @@ class AttnBatch:
             rows.append(end - 1)
         return rows
 
+    def last_tokens(self) -> AttnBatch:
+        """The batch of each sequence's last new token only (its cache then holds the tokens before it)."""
+        return AttnBatch.build(self.slots, [s + n - 1 for s, n in zip(self.starts, self.lengths)], [1] * len(self.slots),
+                               self.positions.device)
+
     def spans(self) -> list[tuple[int, int, int, int]]:
         """(slot, start, row offset in the flat batch, length) per sequence."""
         out, off = [], 0
@@ -53,3 +58,10 @@ class AttnBatch:
             out.append((slot, start, off, n))
             off += n
         return out
+
+
+def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows]: a view when the rows are consecutive (a step's usual case), else a gather."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0]:rows[0] + len(rows)]
+    return x[torch.tensor(rows, dtype=torch.int64, device=x.device)]

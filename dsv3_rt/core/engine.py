@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.errors import RequestError
 from dsv3_rt.core.sampling import SamplingParams
 from dsv3_rt.core.speculative import SpecStats, draw, verify, verify_greedy
@@ -117,7 +117,7 @@ class Engine:
         out: list[tuple[Sequence, int]] = []
         if ready:
             rows = [r for i in ready for r in range(offsets[i] + len(chunks[i]) - 1 - len(seqs[i].drafts), offsets[i] + len(chunks[i]))]
-            logits = self.graph.logits(_take_rows(hidden, rows))
+            logits = self.graph.logits(take_rows(hidden, rows))
             new = self._new_tokens([seqs[i] for i in ready], logits)
             for i, toks in zip(ready, new):
                 seq = seqs[i]
@@ -170,14 +170,14 @@ class Engine:
             next_ids += s.tokens[s.mtp_cached + 1: s.cached + 1]
             lengths.append(s.cached - s.mtp_cached)
         batch = AttnBatch.build([seqs[i].slot for i in live], [seqs[i].mtp_cached for i in live], lengths, dev)
-        h, normed = self.graph.mtp(0, _take_rows(hidden, rows),
+        h, normed = self.graph.mtp(0, take_rows(hidden, rows),
                                    torch.tensor(next_ids, dtype=torch.int64, device=dev), batch, self.cache)
         for i in live:
             seqs[i].mtp_cached = seqs[i].cached
         drafting = [(j, seqs[i]) for j, i in enumerate(live) if seqs[i].cached == len(seqs[i].tokens) - 1 and self._draft_len(seqs[i]) > 0]
-        last = [batch.last_token_rows[j] for j, _ in drafting]
+        picked = [j for j, _ in drafting]  # h, normed: one row per live sequence (its last position)
         group = [s for _, s in drafting]
-        h, normed = _take_rows(h, last), _take_rows(normed, last)
+        h, normed = take_rows(h, picked), take_rows(normed, picked)
         depth = 0
         while group:
             logits = self.graph.logits(normed)
@@ -238,13 +238,6 @@ class Engine:
         while self.has_work:
             self.step()
         return [s.generated for s in seqs]
-
-
-def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x[rows]: a view when the rows are consecutive (a step's usual case), else a gather."""
-    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
-        return x[rows[0]:rows[0] + len(rows)]
-    return x[torch.tensor(rows, dtype=torch.int64, device=x.device)]
 
 
 def _greedy(seq: Sequence) -> bool:

@@ -27,7 +27,7 @@ from dsv3_rt.core.weights import Weight, dense, quantize_int4_group, quantize_in
 API_VERSION = 1
 
 #: Every op of the interface, in the order a token meets them. `Capabilities.ops` names a subset of these.
-OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "mla_attention",
+OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "store_latent", "mla_attention",
        "moe_route", "moe_experts", "dense_mlp", "sampling_probs", "sample", "all_reduce", "all_gather")
 
 #: Runtime weight formats selectable with `dtype=` at load.
@@ -253,6 +253,14 @@ class Kernels:
         x0, x1 = pairs[..., 0], pairs[..., 1]
         return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
 
+    def store_latent(self, kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache, layer: int, batch: AttnBatch) -> None:
+        """Write kv [T, r] (normalised latent) and k_pe [T, dr] (roped) of each new token into `cache` at (slot,
+        position), as `mla_attention` does first, without attending: tokens whose attention output nothing
+        reads (an MTP module's rows before each sequence's last) only extend the cache."""
+        from dsv3_rt.core import mla
+
+        mla.write_latent(cache, layer, kv, k_pe, batch)
+
     def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                       kv_b: Weight, cache: LatentCache, layer: int, batch: AttnBatch, softmax_scale: float) -> torch.Tensor:
         """Multi-head latent attention over the latent cache, causal within each sequence.
@@ -267,9 +275,7 @@ class Kernels:
         """
         from dsv3_rt.core import mla
 
-        for slot, start, off, n in batch.spans():
-            cache.kv[layer][slot, start:start + n] = kv[off:off + n].to(cache.kv[layer].dtype)
-            cache.pe[layer][slot, start:start + n] = k_pe[off:off + n].to(cache.pe[layer].dtype)
+        self.store_latent(kv, k_pe, cache, layer, batch)
         w = kv_b.dequantize(torch.float32)
         out = []
         for slot, start, off, n in batch.spans():

@@ -47,18 +47,22 @@ def split_kv_b(kv_b: Weight, heads: int, dn: int, dtype: torch.dtype) -> tuple[t
     return got
 
 
+def store_latent(kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache, layer: int, batch: AttnBatch) -> None:
+    """Kernels.store_latent: one slice write per sequence (its new positions are consecutive)."""
+    for slot, start, off, n in batch.spans():
+        cache.kv[layer][slot, start:start + n] = kv[off:off + n]
+        cache.pe[layer][slot, start:start + n] = k_pe[off:off + n]
+
+
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, kv_b: Weight,
                   cache: LatentCache, layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
     t, heads, dn = q_nope.shape
     dtype = q_nope.dtype
     w_uk, w_uv_t = split_kv_b(kv_b, heads, dn, dtype)
     r = w_uk.shape[-1]
-    spans = batch.spans()
-    for slot, start, off, n in spans:
-        cache.kv[layer][slot, start:start + n] = kv[off:off + n]
-        cache.pe[layer][slot, start:start + n] = k_pe[off:off + n]
+    store_latent(kv, k_pe, cache, layer, batch)
     out = torch.empty(t, heads, w_uv_t.shape[-1], dtype=dtype, device=q_nope.device)
-    for slot, start, off, n in spans:
+    for slot, start, off, n in batch.spans():
         qn, qp = q_nope[off:off + n], q_pe[off:off + n]
         keys = _keys(cache, layer, slot, start + n).to(dtype)  # [L, r + dr]
         if start == 0 and n > 1:

@@ -52,7 +52,7 @@ class CpuBackend(Kernels):
         compute_dtypes=("bfloat16", "float32"),
         weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
-        ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "mla_attention",
+        ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "store_latent", "mla_attention",
              "moe_route", "moe_experts", "dense_mlp", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
@@ -172,6 +172,9 @@ class CpuBackend(Kernels):
         rot = torch.polar(torch.full_like(angle, factor), angle)
         self._rope_cache = (positions, inv_freq, factor, rot)
         return rot
+
+    def store_latent(self, kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache, layer: int, batch: AttnBatch) -> None:
+        attention.store_latent(kv, k_pe, cache, layer, batch)
 
     def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                       kv_b: Weight, cache: LatentCache, layer: int, batch: AttnBatch, softmax_scale: float) -> torch.Tensor:

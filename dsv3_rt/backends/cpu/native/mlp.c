@@ -19,7 +19,8 @@ void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *
 void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum);
 void dsv3_int4_tiles_block(const uint8_t *tiles, const int8_t *xq, const float *dx, const int32_t *xsum, float *y,
                            long m, long n, long k, long b);
-void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const int32_t *xsum, const int8_t *tiles,
+void dsv3_int8_corrections(const float *dx, const int32_t *xsum, long m, long k, float *corr);
+void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const float *corr, const int8_t *tiles,
                              const uint16_t *scale, float *y, long m, long n, long k, long b);
 #endif
 
@@ -35,10 +36,11 @@ static matrix pick(int bits, const void *data, const void *scale, long e, long n
     return w;
 }
 
-/* y [m, n] = x [m, k] @ w.T; for int4 (and int8 with VNNI), x is first rounded to int8 per group (xq, dx, xsum). */
+/* y [m, n] = x [m, k] @ w.T; for int4 (and int8 with VNNI), x is first rounded to int8 per group (xq, dx, xsum;
+ * int8 takes corr, its per-row offset, instead of xsum). */
 typedef struct {
     const float *x; matrix w; float *y; long m, n, k;
-    int8_t *xq; float *dx; int32_t *xsum;
+    int8_t *xq; float *dx; int32_t *xsum; float *corr;
 } product;
 
 static void block(int bits, const product *p, long b) {
@@ -48,7 +50,7 @@ static void block(int bits, const product *p, long b) {
         return;
     }
     if (p->xq) {
-        dsv3_int8_tiles_block_q(p->xq, p->dx, p->xsum, (const int8_t *)p->w.data, p->w.scale, p->y, p->m, p->n, p->k, b);
+        dsv3_int8_tiles_block_q(p->xq, p->dx, p->corr, (const int8_t *)p->w.data, p->w.scale, p->y, p->m, p->n, p->k, b);
         return;
     }
 #endif
@@ -77,7 +79,9 @@ static void run(int bits, product *ps, long count) {
             p->xq = malloc(p->m * p->k);
             p->dx = malloc(p->m * p->k / 64 * sizeof(float));
             p->xsum = malloc(p->m * p->k / 64 * sizeof(int32_t));
+            p->corr = malloc(p->m * sizeof(float));
             dsv3_int4_quantize(p->x, p->m, p->k, p->xq, p->dx, p->xsum);
+            if (bits == 8) dsv3_int8_corrections(p->dx, p->xsum, p->m, p->k, p->corr);
         }
 #endif
     }
@@ -99,6 +103,7 @@ static void run(int bits, product *ps, long count) {
             free(ps[i].xq);
             free(ps[i].dx);
             free(ps[i].xsum);
+            free(ps[i].corr);
         }
 }
 
