@@ -91,8 +91,8 @@ static inline __attribute__((always_inline)) void tile_rows_q(const int8_t *xq, 
         const int8_t *p = tile + g * GROUP * TILE_ROWS;
         for (int l = 0; l < GROUP * TILE_ROWS; l += 64)  /* the hardware prefetcher alone reached 23 GB/s, this 27 */
             _mm_prefetch((const char *)(p + PREFETCH + l), _MM_HINT_T0);  /* (prefetches never fault past the end) */
-        /* two int32 chains per row (even and odd 16-column steps): one chain of four dependent vpdpbusd made a
-         * product with the weight in cache latency-bound (512 x 192, one row: 3.5 -> see below) */
+        /* two int32 chains per row (even and odd 16-column steps): one chain of four dependent vpdpbusd held a
+         * product whose weight is in cache to its latency (512 x 192, one row, with the corrections below: 3.5 -> 2.2 us) */
         __m512i acc[MAX_M][2];
         for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
         for (int c = 0; c < GROUP / TILE_COLS; c++) {  /* 4 rows x 16 columns, then the next 16 columns */
