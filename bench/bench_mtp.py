@@ -109,7 +109,7 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
     # over seconds, and timing each setting's prompts as one block gave k = 1 anywhere from 1.25x to 1.51x.
     settings_order = (0, *KS)
     seconds: dict[int, list[list[float]]] = defaultdict(list)  # [run][prompt]
-    outs: dict[int, list[list[int]]] = {}
+    outs: dict[int, list[list[int]]] = defaultdict(list)  # run 0's tokens per prompt
     totals: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for run in range(runs):
         for k in settings_order:
@@ -118,7 +118,6 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
             for k in settings_order if run % 2 == 0 else settings_order[::-1]:
                 r = decode(model, p, k, n)
                 seconds[k][-1].append(r["seconds"] / r["decoded"])
-                outs.setdefault(k, [])
                 if run == 0:
                     outs[k].append(r["tokens"])
                 for key in ("drafted", "accepted", "steps", "decoded"):

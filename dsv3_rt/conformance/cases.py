@@ -152,7 +152,7 @@ def _call_mla(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
     outs = []
     for i, batch in enumerate(a["batches"]):
         batch = AttnBatch.build(batch.slots, batch.starts, batch.lengths, device=k.device)
-        if i in a.get("store_only", ()):
+        if i in a["store_only"]:
             k.store_latent(a[f"kv{i}"], a[f"k_pe{i}"], cache, 1, batch)
             continue
         outs.append(k.mla_attention(a[f"q_nope{i}"], a[f"q_pe{i}"], a[f"kv{i}"], a[f"k_pe{i}"], a["kv_b"], cache, 1,
@@ -271,8 +271,9 @@ case("rope", "several_sequences", "T=12,H=3,d=64", ACT_DTYPES)(_rope([0, 1, 2, 3
 
 
 # --- MLA attention -----------------------------------------------------------------------------------------
-def _mla(steps: list[tuple[list[int], list[int], list[int]]], dims: str):
-    """steps: (slots, starts, lengths) per forward step; dims: "tiny" (H=3) or "deepseek-v3" (H=2, full head dims)."""
+def _mla(steps: list[tuple[list[int], list[int], list[int]]], dims: str, store_only: tuple[int, ...] = ()):
+    """steps: (slots, starts, lengths) per forward step; dims: "tiny" (H=3) or "deepseek-v3" (H=2, full head dims);
+    store_only: steps that only write their latents (`store_latent`)."""
 
     def make(g, dtype):
         cfg = preset(dims)
@@ -280,7 +281,7 @@ def _mla(steps: list[tuple[list[int], list[int], list[int]]], dims: str):
         dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         a: dict[str, Any] = {"kv_b": W(checkpoint_weight(g, dtype, h * (dn + dv), r), "mla_kv_b"),
                              "scale": cfg.softmax_scale,  # includes YaRN's mscale² (DeepSeek's long-context fix)
-                             "slots": 4, "max_len": 320, "r": r, "dr": dr, "batches": []}
+                             "slots": 4, "max_len": 320, "r": r, "dr": dr, "batches": [], "store_only": store_only}
         for i, (slots, starts, lengths) in enumerate(steps):
             t = sum(lengths)
             q = Act(randn(g, t, h, dn + dr))  # sliced below like the graph does: q_nope / q_pe are views
@@ -314,18 +315,11 @@ for _v, _steps, _dims in (
     case("mla_attention", _v, f"{_dims}: {_shape}", ACT_DTYPES)(_mla(_steps, _dims))
 
 
-def _store_then_attend(make: Callable[[torch.Generator, str], dict[str, Any]]):
-    """An MTP module's step: step 1 stores the latents of all but each sequence's last token, step 2 attends
-    from those last tokens over them (and a prefix from step 0)."""
-    def wrapped(g, dtype):
-        return {**make(g, dtype), "store_only": (1,)}
-
-    return wrapped
-
-
+# an MTP module's step: step 1 stores the latents of all but each sequence's last token, step 2 attends from those
+# last tokens over them (and over step 0's prefix)
 CALLS["store_latent"] = _call_mla_sliced
 case("store_latent", "then_attend_last_tokens", "tiny: prefill 12 | store 3 + 2 | attend 1 + 1", ACT_DTYPES)(
-    _store_then_attend(_mla([([0], [0], [12]), ([0, 2], [12, 0], [3, 2]), ([0, 2], [15, 2], [1, 1])], "tiny")))
+    _mla([([0], [0], [12]), ([0, 2], [12, 0], [3, 2]), ([0, 2], [15, 2], [1, 1])], "tiny", store_only=(1,)))
 
 
 # --- MoE routing -------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""rms_norm, add_rms_norm, rope, the int8 embedding, the MoE router and absorbed MLA of a decode step through the C kernels
-(`native/ops.c`).
+"""rms_norm, add_rms_norm, rope, the int8 embedding, the MoE router and absorbed MLA of a decode step through the
+C kernels (`native/ops.c`).
 
 Each takes fp32 and returns None where it does not apply (no C kernels, another dtype, many tokens), so the
 backend falls back to torch."""

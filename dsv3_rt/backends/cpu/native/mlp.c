@@ -79,9 +79,12 @@ static void run(int bits, product *ps, long count) {
             p->xq = malloc(p->m * p->k);
             p->dx = malloc(p->m * p->k / 64 * sizeof(float));
             p->xsum = malloc(p->m * p->k / 64 * sizeof(int32_t));
-            p->corr = malloc(p->m * sizeof(float));
+            p->corr = NULL;
             dsv3_int4_quantize(p->x, p->m, p->k, p->xq, p->dx, p->xsum);
-            if (bits == 8) dsv3_int8_corrections(p->dx, p->xsum, p->m, p->k, p->corr);
+            if (bits == 8) {
+                p->corr = malloc(p->m * sizeof(float));
+                dsv3_int8_corrections(p->dx, p->xsum, p->m, p->k, p->corr);
+            }
         }
 #endif
     }
