@@ -73,6 +73,15 @@ void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *
 #define GROUP 64
 #define PREFETCH 2048 /* bytes ahead of the group being read (1024-4096 measured the same) */
 
+/* A software prefetch ahead of the stream pays on Intel and costs on AMD, whose L2 stream prefetcher already runs
+ * ahead of a sequential read: from DRAM on a Sapphire Rapids (2 threads) 23 -> 27 GB/s with it, on an EPYC 21 -> 29
+ * GB/s without it (torch.sum's read: 30), and there a 4096 x 192 matrix in L2 took 27 instead of 17 us. */
+static int prefetching;
+__attribute__((constructor)) static void choose_prefetch(void) {
+    __builtin_cpu_init();
+    prefetching = __builtin_cpu_is("intel");
+}
+
 /* Sum of each 128-bit lane (one tile row: 4 int32 lanes of column quads) of v. */
 static inline __m128 row_sums(__m512 v) {
     __m128 r0 = _mm512_extractf32x4_ps(v, 0), r1 = _mm512_extractf32x4_ps(v, 1);
@@ -89,8 +98,9 @@ static inline __attribute__((always_inline)) void tile_rows_q(const int8_t *xq, 
     for (int m = 0; m < mb; m++) out[m] = _mm512_setzero_ps();
     for (long g = 0; g < groups; g++) {
         const int8_t *p = tile + g * GROUP * TILE_ROWS;
-        for (int l = 0; l < GROUP * TILE_ROWS; l += 64)  /* the hardware prefetcher alone reached 23 GB/s, this 27 */
-            _mm_prefetch((const char *)(p + PREFETCH + l), _MM_HINT_T0);  /* (prefetches never fault past the end) */
+        if (prefetching)
+            for (int l = 0; l < GROUP * TILE_ROWS; l += 64)  /* (prefetches never fault past the end) */
+                _mm_prefetch((const char *)(p + PREFETCH + l), _MM_HINT_T0);
         /* two int32 chains per row (even and odd 16-column steps): one chain of four dependent vpdpbusd held a
          * product whose weight is in cache to its latency (512 x 192, one row, with the corrections below: 3.5 -> 2.2 us) */
         __m512i acc[MAX_M][2];
