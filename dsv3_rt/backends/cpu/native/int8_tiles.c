@@ -76,10 +76,10 @@ void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *
 /* A software prefetch ahead of the stream pays on Intel and costs on AMD, whose L2 stream prefetcher already runs
  * ahead of a sequential read: from DRAM on a Sapphire Rapids (2 threads) 23 -> 27 GB/s with it, on an EPYC 21 -> 29
  * GB/s without it (torch.sum's read: 30), and there a 4096 x 192 matrix in L2 took 27 instead of 17 us. */
-static int prefetching;
+int dsv3_prefetching; /* read by the 4-bit kernel too */
 __attribute__((constructor)) static void choose_prefetch(void) {
     __builtin_cpu_init();
-    prefetching = __builtin_cpu_is("intel");
+    dsv3_prefetching = __builtin_cpu_is("intel");
 }
 
 /* Sum of each 128-bit lane (one tile row: 4 int32 lanes of column quads) of v. */
@@ -98,7 +98,7 @@ static inline __attribute__((always_inline)) void tile_rows_q(const int8_t *xq, 
     for (int m = 0; m < mb; m++) out[m] = _mm512_setzero_ps();
     for (long g = 0; g < groups; g++) {
         const int8_t *p = tile + g * GROUP * TILE_ROWS;
-        if (prefetching)
+        if (dsv3_prefetching)
             for (int l = 0; l < GROUP * TILE_ROWS; l += 64)  /* (prefetches never fault past the end) */
                 _mm_prefetch((const char *)(p + PREFETCH + l), _MM_HINT_T0);
         /* two int32 chains per row (even and odd 16-column steps): one chain of four dependent vpdpbusd held a
