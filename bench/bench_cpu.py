@@ -374,7 +374,7 @@ def _load_note() -> str:
     return f"load average {one:.1f} / {five:.1f} (1/5 min) on {os.cpu_count()} cores"
 
 
-def targets(results: dict[str, dict], bw_gbps: float) -> list[tuple[str, str, bool | None]]:
+def targets(results: dict[str, dict]) -> list[tuple[str, str, bool | None]]:
     def dec(label: str) -> float | None:
         return results.get(label, {}).get("decode_tok_s")
 
@@ -393,9 +393,7 @@ def targets(results: dict[str, dict], bw_gbps: float) -> list[tuple[str, str, bo
     add("decode int4 / llama.cpp Q4_K_M >= 1.0", ratio("dsv3-rt cpu int4", "llama.cpp Q4_K_M"), 1.0)
     add("decode bf16 / transformers bf16 >= 3.0", ratio("dsv3-rt cpu bfloat16", "transformers bf16"), 3.0)
     add("decode int8 / transformers bf16 >= 3.0", ratio("dsv3-rt cpu int8", "transformers bf16"), 3.0)
-    r = results.get("dsv3-rt cpu int8", {})
-    roof = r["decode_tok_s"] / (bw_gbps * 1e9 / r["bytes_per_token"]) if r.get("bytes_per_token") and r.get("decode_tok_s") else None
-    add("decode int8 >= 80% of roofline", roof, 0.8, "{:.0%}")
+    add("decode int8 >= 80% of roofline", results.get("dsv3-rt cpu int8", {}).get("roofline"), 0.8, "{:.0%}")
     add("prefill 1024 int8 / llama.cpp Q8_0 >= 2.0", ratio("dsv3-rt cpu int8", "llama.cpp Q8_0", "prefill_tok_s", 1024), 2.0)
     for label, res in results.items():
         if label.startswith("dsv3-rt cpu") and res.get("peak_rss_mib") and res.get("weights_mib"):
@@ -407,7 +405,7 @@ def targets(results: dict[str, dict], bw_gbps: float) -> list[tuple[str, str, bo
     return out
 
 
-def table(results: dict[str, dict], bw_gbps: float, prefill: list[int]) -> str:
+def table(results: dict[str, dict], prefill: list[int]) -> str:
     head = ["engine", "decode tok/s", "roofline", *[f"prefill {n} tok/s" for n in prefill], "peak RSS MiB", "weights MiB",
             "torch import MiB", "load s"]
     rows = [head]
@@ -415,8 +413,7 @@ def table(results: dict[str, dict], bw_gbps: float, prefill: list[int]) -> str:
         if "error" in r:
             rows.append([label, "error: " + r["error"][:60]] + [""] * (len(head) - 2))
             continue
-        bpt = r.get("bytes_per_token")
-        roof = f"{r['decode_tok_s'] / (bw_gbps * 1e9 / bpt):.0%} of {bw_gbps * 1e9 / bpt:.0f}" if bpt else "-"
+        roof = f"{r['roofline']:.0%} of {r['roofline_tok_s']:.0f}" if r.get("roofline") else "-"
         pre = [f"{(r['prefill_tok_s'].get(str(n)) or r['prefill_tok_s'].get(n) or 0):.1f}" for n in prefill]
         base = f"{r['torch_base_rss_mib']:.0f}" if r.get("torch_base_rss_mib") else "-"
         rows.append([label, f"{r['decode_tok_s']:.2f}", roof, *pre, f"{r['peak_rss_mib']:.0f}", f"{r['weights_mib']:.0f}", base,
@@ -437,6 +434,11 @@ def merge_rounds(runs: list[dict]) -> dict:
     merged["prefill_tok_s"] = {n: statistics.median(r["prefill_tok_s"][n] for r in runs) for n in runs[0]["prefill_tok_s"]}
     merged["load_s"] = statistics.median(r["load_s"] for r in runs)
     merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    if merged.get("bytes_per_token") and all(r.get("read_gbps") for r in runs):
+        # each round's decode against the bandwidth measured just before it: a shared host's drifts by 1.5x in minutes
+        ceilings = [r["read_gbps"] * 1e9 / r["bytes_per_token"] for r in runs]
+        merged["roofline"] = statistics.median(r["decode_tok_s"] / c for r, c in zip(runs, ceilings))
+        merged["roofline_tok_s"] = statistics.median(ceilings)
     return merged
 
 
@@ -474,31 +476,32 @@ def main() -> int:
     rounds: dict[str, list[dict]] = {}
     bws: list[dict] = []
     for r in range(args.rounds):  # engines interleaved round by round: a shared host's bandwidth drifts
-        bws.append(run_worker("bandwidth", args, []))
-        print(f"round {r + 1}/{args.rounds}: read bandwidth (torch sum, {args.threads} threads): "
-              f"{bws[-1].get('read_gbps', float('nan')):.1f} GB/s; {_load_note()}", flush=True)
+        print(f"round {r + 1}/{args.rounds}: {_load_note()}", flush=True)
         for label, kind, extra in todo:
+            bws.append(run_worker("bandwidth", args, []))  # the roofline of the engine run right after it
             if label.startswith("dsv3-rt reference"):  # fp32 reference kernels: minutes per prefill; decode only
                 extra = extra + ["--prefill", "128"]
             res = run_worker(kind, args, extra)
             if kind == "llama" and "error" in res:  # llama.cpp's AMX weight buffers abort on deepseek2 (see open_llama)
                 res = {**run_worker(kind, args, extra + ["--no-extra-buffers"]), "note": f"no extra buffers ({res['error'][:80]})"}
+            res["read_gbps"] = bws[-1].get("read_gbps")
             rounds.setdefault(label, []).append(res)
-            print(f"  {label}: " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s, "
+            print(f"  {label} (read bandwidth {bws[-1].get('read_gbps', float('nan')):.1f} GB/s): " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s, "
                   f"prefill {res['prefill_tok_s']}, rss {res['peak_rss_mib']:.0f} MiB, load {res['load_s']:.1f} s"), flush=True)
     results = {label: merge_rounds(rs) for label, rs in rounds.items()}
     bw = {"read_gbps": statistics.median(b.get("read_gbps", float("nan")) for b in bws), "rounds": bws}
     bw_gbps = bw["read_gbps"]
-    text = table(results, bw_gbps, args.prefill)
-    tgt = targets(results, bw_gbps)
+    text = table(results, args.prefill)
+    tgt = targets(results)
     tgt_text = "\n".join(f"[{'PASS' if ok else 'FAIL' if ok is not None else 'n/a '}] {name}: {value}" for name, value, ok in tgt)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch CPU capability " \
               f"{__import__('torch').backends.cpu.get_cpu_capability()}"
     spread = "".join(f"\n  {label}: decode per round {', '.join(f'{d:.1f}' for d in r['decode_rounds'])} tok/s"
                      for label, r in results.items() if len(r.get("decode_rounds", [])) > 1)
     spread += "".join(f"\n  {label}: {r['note']}" for label, r in results.items() if "note" in r)
-    per_round = ", ".join(f"{b.get('read_gbps', float('nan')):.1f}" for b in bws)
-    report = (f"{machine}\nread bandwidth {bw_gbps:.1f} GB/s (median of {args.rounds} round(s): {per_round}); "
+    per_run = ", ".join(f"{b.get('read_gbps', float('nan')):.1f}" for b in bws)
+    report = (f"{machine}\nread bandwidth {bw_gbps:.1f} GB/s (median of {len(bws)} measurements, one before each engine "
+              f"run: {per_run}); "
               f"before: {load_before}; after: {_load_note()}{spread}\n\n{text}\n\nTargets:\n{tgt_text}\n")
     print("\n" + report)
     RESULTS.mkdir(exist_ok=True)
