@@ -74,8 +74,8 @@ void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *
 #define PREFETCH 2048 /* bytes ahead of the group being read (1024-4096 measured the same) */
 
 /* A software prefetch ahead of the stream pays on Intel and costs on AMD, whose L2 stream prefetcher already runs
- * ahead of a sequential read: from DRAM on a Sapphire Rapids (2 threads) 23 -> 27 GB/s with it, on an EPYC 21 -> 29
- * GB/s without it (torch.sum's read: 30), and there a 4096 x 192 matrix in L2 took 27 instead of 17 us. */
+ * ahead of a sequential read: from DRAM on a Sapphire Rapids (2 threads) 23 -> 27 GB/s with it, on an EPYC ~24 ->
+ * ~29 GB/s without it (a plain read: ~30). Products whose weight is in cache measured the same either way. */
 int dsv3_prefetching; /* read by the 4-bit kernel too */
 __attribute__((constructor)) static void choose_prefetch(void) {
     __builtin_cpu_init();
