@@ -479,17 +479,18 @@ def main() -> int:
         print(f"round {r + 1}/{args.rounds}: {_load_note()}", flush=True)
         for label, kind, extra in todo:
             bws.append(run_worker("bandwidth", args, []))  # the roofline of the engine run right after it
+            read_gbps = bws[-1].get("read_gbps")  # None when the measurement failed: no roofline then
             if label.startswith("dsv3-rt reference"):  # fp32 reference kernels: minutes per prefill; decode only
                 extra = extra + ["--prefill", "128"]
             res = run_worker(kind, args, extra)
             if kind == "llama" and "error" in res:  # llama.cpp's AMX weight buffers abort on deepseek2 (see open_llama)
                 res = {**run_worker(kind, args, extra + ["--no-extra-buffers"]), "note": f"no extra buffers ({res['error'][:80]})"}
-            res["read_gbps"] = bws[-1].get("read_gbps")
+            res["read_gbps"] = read_gbps
             rounds.setdefault(label, []).append(res)
-            print(f"  {label} (read bandwidth {bws[-1].get('read_gbps', float('nan')):.1f} GB/s): " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s, "
+            print(f"  {label} (read bandwidth {read_gbps or float('nan'):.1f} GB/s): " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s, "
                   f"prefill {res['prefill_tok_s']}, rss {res['peak_rss_mib']:.0f} MiB, load {res['load_s']:.1f} s"), flush=True)
     results = {label: merge_rounds(rs) for label, rs in rounds.items()}
-    bw = {"read_gbps": statistics.median(b.get("read_gbps", float("nan")) for b in bws), "rounds": bws}
+    bw = {"read_gbps": statistics.median(b.get("read_gbps", float("nan")) for b in bws), "runs": bws}
     bw_gbps = bw["read_gbps"]
     text = table(results, args.prefill)
     tgt = targets(results)
