@@ -193,7 +193,7 @@ def test_mla_prefill_decode_chunks_and_batches(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize("t", [1, 6, 40, 80])  # tiled experts: 1-40 tokens in C, 80 (> 32 rows per held expert) grouped
 def test_moe_experts_and_dense_mlp(dtype, t):
     k = CpuBackend(dtype)
     r = reference_for(k)

@@ -48,8 +48,8 @@ class AttnBatch:
 
     def last_tokens(self) -> AttnBatch:
         """The batch of each sequence's last new token only (its cache then holds the tokens before it)."""
-        return AttnBatch.build(self.slots, [s + n - 1 for s, n in zip(self.starts, self.lengths)], [1] * len(self.slots),
-                               self.positions.device)
+        return AttnBatch(list(self.slots), [s + n - 1 for s, n in zip(self.starts, self.lengths)], [1] * len(self.slots),
+                         take_rows(self.positions, self.last_token_rows))  # (a view for one sequence: no new tensor)
 
     def spans(self) -> list[tuple[int, int, int, int]]:
         """(slot, start, row offset in the flat batch, length) per sequence."""
