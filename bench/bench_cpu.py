@@ -85,7 +85,6 @@ def worker_dsv3(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t0
     cfg = model.config
     weights_mib = _weight_bytes(model) / 2**20
-    per_token = _dsv3_bytes_per_token(model)
     params = SamplingParams(max_new_tokens=args.decode_tokens + 1, ignore_eos=True)
 
     def decode_run() -> float:
@@ -106,6 +105,7 @@ def worker_dsv3(args: argparse.Namespace) -> dict:
 
     with torch.inference_mode():
         decode_run()  # warm-up
+        per_token = _dsv3_bytes_per_token(model)  # after it: the MLA copies decode reads are made on first use
         decode = [decode_run() for _ in range(args.runs)]
         pre = {n: max(prefill(n) for _ in range(args.prefill_runs)) for n in args.prefill}
     return {"load_s": load_s, "decode_tok_s": statistics.median(decode), "decode_runs": decode,
@@ -155,7 +155,18 @@ def _weight_bytes(obj) -> int:  # noqa: ANN001
 
 
 def _dsv3_bytes_per_token(model) -> float:  # noqa: ANN001
-    return sum(w.nbytes * frac for w, frac in _weights_of(model))
+    return sum(_read_bytes(w) * frac for w, frac in _weights_of(model))
+
+
+def _read_bytes(w) -> int:  # noqa: ANN001
+    """Bytes of w a decode step reads: for kv_b under the cpu backend's int8 / int4, the int8 W_UK / W_UV^T copies
+    with their row scales that its absorbed MLA reads instead (made on first use, `split_kv_b_int8`)."""
+    from dsv3_rt.backends.cpu.attention import INT8_SPLIT
+
+    for key, copy in w.meta.items():
+        if isinstance(key, tuple) and key[0] == INT8_SPLIT:
+            return sum(t.nbytes for t in copy)
+    return w.nbytes
 
 
 def worker_hf(args: argparse.Namespace) -> dict:

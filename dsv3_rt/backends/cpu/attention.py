@@ -5,7 +5,9 @@ The cache of a layer is one buffer [slots, max_len, r + dr] (latent, then the ro
 matrix. Decode and chunks on a cached prefix use the absorbed form (attend over the latent: MQA with
 head dim r + dr); a fresh prompt uses the naive form through `scaled_dot_product_attention` (causal MHA with
 head dim dn + dr, cheaper when every key is new). W_UK / W_UV are split from kv_b once per weight. In fp32 the
-absorbed form is one C call per sequence (`small_ops.mla_absorbed`) instead of a dozen small torch ops.
+absorbed form is one C call per sequence (`small_ops.mla_absorbed`) instead of a dozen small torch ops; under
+int8 / int4 that call reads W_UK / W_UV^T as int8 with a scale per row, a quarter of the fp32 bytes (on the bench
+preset 2 MiB a layer, the largest read of a decode step's attention).
 """
 from __future__ import annotations
 
@@ -47,6 +49,24 @@ def split_kv_b(kv_b: Weight, heads: int, dn: int, dtype: torch.dtype) -> tuple[t
     return got
 
 
+#: the meta key (with heads and dn) under which a kv_b keeps its int8 absorbed copies
+INT8_SPLIT = "cpu.mla.int8"
+
+
+def split_kv_b_int8(kv_b: Weight, heads: int, dn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`split_kv_b`'s W_UK and W_UV^T as int8 with one fp32 scale per row (symmetric, amax / 127): (w_uk [H, dn, r],
+    its scales [H, dn], w_uv_t [H, r, dv], its scales [H, r]), made on first use and kept in the weight's meta."""
+    key = (INT8_SPLIT, heads, dn)
+    got = kv_b.meta.get(key)
+    if got is None:
+        got = ()
+        for w in split_kv_b(kv_b, heads, dn, torch.float32):
+            s = w.abs().amax(-1).clamp(min=1e-30) / 127
+            got += (torch.round(w / s[..., None]).to(torch.int8).contiguous(), s.contiguous())
+        kv_b.meta[key] = got
+    return got
+
+
 def store_latent(kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache, layer: int, batch: AttnBatch) -> None:
     """Kernels.store_latent: one slice write per sequence (its new positions are consecutive)."""
     for slot, start, off, n in batch.spans():
@@ -55,10 +75,12 @@ def store_latent(kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache, layer
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, kv_b: Weight,
-                  cache: LatentCache, layer: int, batch: AttnBatch, scale: float) -> torch.Tensor:
+                  cache: LatentCache, layer: int, batch: AttnBatch, scale: float, int8_absorbed: bool = False) -> torch.Tensor:
+    """int8_absorbed: the absorbed form's C call reads W_UK / W_UV^T as int8 per row (`split_kv_b_int8`)."""
     t, heads, dn = q_nope.shape
     dtype = q_nope.dtype
     w_uk, w_uv_t = split_kv_b(kv_b, heads, dn, dtype)
+    quantized = split_kv_b_int8(kv_b, heads, dn) if int8_absorbed and dtype == torch.float32 else None
     r = w_uk.shape[-1]
     store_latent(kv, k_pe, cache, layer, batch)
     out = torch.empty(t, heads, w_uv_t.shape[-1], dtype=dtype, device=q_nope.device)
@@ -68,7 +90,11 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_
         if start == 0 and n > 1:
             out[off:off + n] = _naive_causal(qn, qp, keys, w_uk, w_uv_t, scale)
             continue
-        fast = small_ops.mla_absorbed(qn, qp, w_uk, w_uv_t, keys, start, scale)  # fp32: one C call
+        if quantized is not None:
+            uk, uk_scale, uv, uv_scale = quantized
+            fast = small_ops.mla_absorbed(qn, qp, uk, uv, keys, start, scale, uk_scale, uv_scale)
+        else:
+            fast = small_ops.mla_absorbed(qn, qp, w_uk, w_uv_t, keys, start, scale)  # fp32: one C call
         if fast is not None:
             out[off:off + n] = fast
             continue

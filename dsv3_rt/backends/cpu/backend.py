@@ -24,7 +24,8 @@ the reference's llama.cpp form).
 The default is int8: at batch 1 decode reads every active weight once per token, int8 halves bf16's bytes
 and its per-row rounding stays inside the conformance tolerances;
 int4 is faster still but moves logits several times more (it is a choice, not a default). The router
-stays fp32 and kv_b dense (both small), as in the reference.
+stays fp32 and kv_b dense (both small), as in the reference, except that decode's absorbed MLA reads its two
+halves as int8 per row (attention.split_kv_b_int8).
 """
 from __future__ import annotations
 
@@ -180,7 +181,8 @@ class CpuBackend(Kernels):
                       kv_b: Weight, cache: LatentCache, layer: int, batch: AttnBatch, softmax_scale: float) -> torch.Tensor:
         if ggml_act.KEY in kv_b.meta:  # llama.cpp's form and rounding (activations="ggml-cpu"): the reference's
             return super().mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale)
-        return attention.mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale)
+        return attention.mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale,
+                                       int8_absorbed=self.dtype in ("int8", "int4"))
 
     def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
         return moe.moe_experts(x, weights, ids, experts)

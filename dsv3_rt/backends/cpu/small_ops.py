@@ -89,15 +89,20 @@ def embedding_int8(ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -
 
 
 def mla_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor, keys: torch.Tensor,
-                 start: int, scale: float) -> torch.Tensor | None:
+                 start: int, scale: float, uk_scale: torch.Tensor | None = None,
+                 uv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """[n, H, dv]: the n tokens at positions start .. start + n - 1 of one sequence over its cached keys
-    [start + n, r + dr] (see dsv3_mla_absorbed)."""
-    if not _fp32(q_nope, q_pe, w_uk, w_uv_t, keys):
+    [start + n, r + dr] (see dsv3_mla_absorbed); w_uk / w_uv_t fp32, or int8 with per-row fp32 scales."""
+    if not _fp32(q_nope, q_pe, keys):
+        return None
+    if uk_scale is None and not _fp32(w_uk, w_uv_t):
         return None
     qn, qp, k = q_nope.contiguous(), q_pe.contiguous(), keys.contiguous()
     n, heads, dn = qn.shape
     r, dv = w_uv_t.shape[-2:]
     out = torch.empty(n, heads, dv, dtype=torch.float32)
-    native.library().dsv3_mla_absorbed(qn.data_ptr(), qp.data_ptr(), w_uk.data_ptr(), w_uv_t.data_ptr(), k.data_ptr(),
-                                       out.data_ptr(), n, heads, dn, qp.shape[-1], r, dv, start, scale)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    native.library().dsv3_mla_absorbed(qn.data_ptr(), qp.data_ptr(), w_uk.data_ptr(), ptr(uk_scale), w_uv_t.data_ptr(),
+                                       ptr(uv_scale), k.data_ptr(), out.data_ptr(), n, heads, dn, qp.shape[-1], r, dv,
+                                       start, scale)
     return out

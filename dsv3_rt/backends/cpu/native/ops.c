@@ -105,16 +105,41 @@ void dsv3_moe_route(const float *x, const float *gate, const float *bias, long t
  * rows [latent r | roped key dr]. Per head h:
  *   q = [q_nope[i, h] @ w_uk[h], q_pe[i, h]],  p = softmax(scale * keys @ q),  out[i, h] = (p @ latent) @ w_uv_t[h]
  * q_nope [n, heads, dn], q_pe [n, heads, dr], w_uk [heads, dn, r], w_uv_t [heads, r, dv], out [n, heads, dv].
+ * The two weights are fp32, or int8 with one fp32 scale per row (uk_scale [heads, dn], uv_scale [heads, r]; NULL
+ * for fp32): each product sums rows of its weight times one coefficient per row, so a row's scale multiplies that
+ * coefficient and the int8 bytes are read as they are, a quarter of fp32's.
  * A work item is one token and a block of HEAD_BLOCK heads, which read each cached key row once together
  * (head by head, 16 heads reread a layer's cache 16 times). */
 #define HEAD_BLOCK 8
 
 typedef struct {
-    const float *q_nope, *q_pe, *w_uk, *w_uv_t, *keys;
+    const float *q_nope, *q_pe, *keys, *uk_scale, *uv_scale;
+    const void *w_uk, *w_uv_t;
     float *out;
     long heads, dn, dr, r, dv, start;
     float scale;
 } mla_args;
+
+/* acc[c] += sum_a coef[a] * w[a][c] over the rows of w [rows, cols]: fp32, or int8 times scale[a]. */
+static void add_rows(const void *w, const float *scale, const float *coef, long rows, long cols, float *acc) {
+    for (long a = 0; a < rows; a++) {
+        if (scale) {
+            const int8_t *wa = (const int8_t *)w + a * cols;
+            const float ca = coef[a] * scale[a];
+            #pragma omp simd
+            for (long c = 0; c < cols; c++) acc[c] += ca * (float)wa[c];
+        } else {
+            const float *wa = (const float *)w + a * cols, ca = coef[a];
+            #pragma omp simd
+            for (long c = 0; c < cols; c++) acc[c] += ca * wa[c];
+        }
+    }
+}
+
+/* Matrix `index` of a stack of [rows, cols] matrices (fp32, or int8 when scale) and its rows' scales. */
+static const void *matrix_at(const void *w, const float *scale, long index, long rows, long cols) {
+    return (const char *)w + index * rows * cols * (scale ? 1 : (long)sizeof(float));
+}
 
 /* Token i, heads h0 .. h0 + nh - 1. */
 static void mla_heads(const mla_args *m, long i, long h0, long nh) {
@@ -122,13 +147,11 @@ static void mla_heads(const mla_args *m, long i, long h0, long nh) {
     const float *keys = m->keys;
     float *q = malloc(nh * (width + len + r) * sizeof(float)), *p = q + nh * width, *latent = p + nh * len;
     for (long b = 0; b < nh; b++) {  /* q[b] = [q_nope @ w_uk, q_pe] for head h0 + b */
-        long ih = i * m->heads + h0 + b;
-        const float *qn = m->q_nope + ih * dn, *wk = m->w_uk + (h0 + b) * dn * r;
+        long ih = i * m->heads + h0 + b, h = h0 + b;
         float *qb = q + b * width;
         for (long c = 0; c < r; c++) qb[c] = 0.0f;
-        for (long a = 0; a < dn; a++)
-            #pragma omp simd
-            for (long c = 0; c < r; c++) qb[c] += qn[a] * wk[a * r + c];
+        add_rows(matrix_at(m->w_uk, m->uk_scale, h, dn, r), m->uk_scale ? m->uk_scale + h * dn : NULL,
+                 m->q_nope + ih * dn, dn, r, qb);
         memcpy(qb + r, m->q_pe + ih * dr, dr * sizeof(float));
     }
     for (long j = 0; j < len; j++)
@@ -153,11 +176,10 @@ static void mla_heads(const mla_args *m, long i, long h0, long nh) {
         }
     for (long b = 0; b < nh; b++) {
         float *o = m->out + (i * m->heads + h0 + b) * dv;
-        const float *wv = m->w_uv_t + (h0 + b) * r * dv, *lb = latent + b * r;
+        const long h = h0 + b;
         for (long c = 0; c < dv; c++) o[c] = 0.0f;
-        for (long a = 0; a < r; a++)
-            #pragma omp simd
-            for (long c = 0; c < dv; c++) o[c] += lb[a] * wv[a * dv + c];
+        add_rows(matrix_at(m->w_uv_t, m->uv_scale, h, r, dv), m->uv_scale ? m->uv_scale + h * r : NULL,
+                 latent + b * r, r, dv, o);
     }
     free(q);
 }
@@ -167,10 +189,10 @@ static void mla_item(const mla_args *m, long t) {
     mla_heads(m, t / blocks, h0, m->heads - h0 < HEAD_BLOCK ? m->heads - h0 : HEAD_BLOCK);
 }
 
-void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const float *w_uk, const float *w_uv_t,
-                       const float *keys, float *out, long n, long heads, long dn, long dr, long r, long dv,
-                       long start, float scale) {
-    const mla_args m = { q_nope, q_pe, w_uk, w_uv_t, keys, out, heads, dn, dr, r, dv, start, scale };
+void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const void *w_uk, const float *uk_scale,
+                       const void *w_uv_t, const float *uv_scale, const float *keys, float *out, long n, long heads,
+                       long dn, long dr, long r, long dv, long start, float scale) {
+    const mla_args m = { q_nope, q_pe, keys, uk_scale, uv_scale, w_uk, w_uv_t, out, heads, dn, dr, r, dv, start, scale };
     const long items = n * ((heads + HEAD_BLOCK - 1) / HEAD_BLOCK);
     /* per token and head: the two weight products (dn x r, r x dv) and the scores and sums over the context;
      * the weights alone are 2 MiB a layer at DeepSeek's shapes, worth both threads even for a short context */
