@@ -161,12 +161,10 @@ def _dsv3_bytes_per_token(model) -> float:  # noqa: ANN001
 def _read_bytes(w) -> int:  # noqa: ANN001
     """Bytes of w a decode step reads: for kv_b under the cpu backend's int8 / int4, the int8 W_UK / W_UV^T copies
     with their row scales that its absorbed MLA reads instead (made on first use, `split_kv_b_int8`)."""
-    from dsv3_rt.backends.cpu.attention import INT8_SPLIT
+    from dsv3_rt.backends.cpu.attention import int8_split_bytes
 
-    for key, copy in w.meta.items():
-        if isinstance(key, tuple) and key[0] == INT8_SPLIT:
-            return sum(t.nbytes for t in copy)
-    return w.nbytes
+    split = int8_split_bytes(w)
+    return w.nbytes if split is None else split
 
 
 def worker_hf(args: argparse.Namespace) -> dict:

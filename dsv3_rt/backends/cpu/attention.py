@@ -49,14 +49,13 @@ def split_kv_b(kv_b: Weight, heads: int, dn: int, dtype: torch.dtype) -> tuple[t
     return got
 
 
-#: the meta key (with heads and dn) under which a kv_b keeps its int8 absorbed copies
-INT8_SPLIT = "cpu.mla.int8"
+_INT8_SPLIT = "cpu.mla.int8"  # kv_b.meta key (with heads and dn) of its int8 absorbed copies
 
 
 def split_kv_b_int8(kv_b: Weight, heads: int, dn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`split_kv_b`'s W_UK and W_UV^T as int8 with one fp32 scale per row (symmetric, amax / 127): (w_uk [H, dn, r],
     its scales [H, dn], w_uv_t [H, r, dv], its scales [H, r]), made on first use and kept in the weight's meta."""
-    key = (INT8_SPLIT, heads, dn)
+    key = (_INT8_SPLIT, heads, dn)
     got = kv_b.meta.get(key)
     if got is None:
         got = ()
@@ -65,6 +64,14 @@ def split_kv_b_int8(kv_b: Weight, heads: int, dn: int) -> tuple[torch.Tensor, to
             got += (torch.round(w / s[..., None]).to(torch.int8).contiguous(), s.contiguous())
         kv_b.meta[key] = got
     return got
+
+
+def int8_split_bytes(kv_b: Weight) -> int | None:
+    """Bytes of the int8 absorbed copies of kv_b (what decode reads instead of kv_b), None until they are made."""
+    for key, copy in kv_b.meta.items():
+        if isinstance(key, tuple) and key[0] == _INT8_SPLIT:
+            return sum(t.nbytes for t in copy)
+    return None
 
 
 def store_latent(kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache, layer: int, batch: AttnBatch) -> None:
@@ -80,7 +87,10 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_
     t, heads, dn = q_nope.shape
     dtype = q_nope.dtype
     w_uk, w_uv_t = split_kv_b(kv_b, heads, dn, dtype)
-    quantized = split_kv_b_int8(kv_b, heads, dn) if int8_absorbed and dtype == torch.float32 else None
+    # the absorbed form's weights: (w_uk, its row scales, w_uv_t, its row scales), scales None for fp32
+    absorbed = (w_uk, None, w_uv_t, None)
+    if int8_absorbed and dtype == torch.float32:
+        absorbed = split_kv_b_int8(kv_b, heads, dn)
     r = w_uk.shape[-1]
     store_latent(kv, k_pe, cache, layer, batch)
     out = torch.empty(t, heads, w_uv_t.shape[-1], dtype=dtype, device=q_nope.device)
@@ -90,11 +100,8 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_
         if start == 0 and n > 1:
             out[off:off + n] = _naive_causal(qn, qp, keys, w_uk, w_uv_t, scale)
             continue
-        if quantized is not None:
-            uk, uk_scale, uv, uv_scale = quantized
-            fast = small_ops.mla_absorbed(qn, qp, uk, uv, keys, start, scale, uk_scale, uv_scale)
-        else:
-            fast = small_ops.mla_absorbed(qn, qp, w_uk, w_uv_t, keys, start, scale)  # fp32: one C call
+        uk, uk_scale, uv, uv_scale = absorbed  # fp32 activations: one C call
+        fast = small_ops.mla_absorbed(qn, qp, uk, uv, keys, start, scale, uk_scale, uv_scale)
         if fast is not None:
             out[off:off + n] = fast
             continue

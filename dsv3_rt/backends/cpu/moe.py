@@ -3,9 +3,10 @@ all the tokens that chose it.
 
 With tiled weights (int8_tiles / int4_tiles) a dense MLP of a step with few tokens (a decode step, an MTP
 verification), and the routed experts of a step with few tokens per expert (those, and prefill chunks up to about
-32 tokens per expert), are one call into the C kernels (`native/mlp.c`): no interpreter time per expert. Otherwise tokens are grouped by expert with one stable sort and one bincount (no loop over the experts a
-layer has, no per-expert mask), or in Python for a few tokens, which costs less than those kernels. Results
-accumulate in fp32.
+32 tokens per expert), are one call into the C kernels (`native/mlp.c`): no interpreter time per expert.
+Otherwise tokens are grouped by expert with one stable sort and one bincount (no loop over the experts a layer
+has, no per-expert mask), or in Python for a few tokens, which costs less than those kernels. Results accumulate
+in fp32.
 """
 from __future__ import annotations
 
