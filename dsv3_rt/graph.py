@@ -11,22 +11,10 @@ import torch
 
 from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.config import ModelConfig
-from dsv3_rt.core.kernels import ExpertWeights, Kernels, LatentCache, RouterSpec
+from dsv3_rt.core.kernels import AttentionWeights, ExpertWeights, Kernels, LatentCache, MLASpec, RouterSpec
 from dsv3_rt.core.parallel import SINGLE, Parallel
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight
-
-
-@dataclass
-class AttentionWeights:
-    kv_a: Weight  # [r + dr, D]: latent rows then the shared rope key rows
-    kv_a_norm: torch.Tensor  # [r]
-    kv_b: Weight  # [H * (dn + dv), r]
-    o: Weight  # [D, H * dv]
-    q: Weight | None = None  # [H * (dn + dr), D] when there is no query compression
-    q_a: Weight | None = None  # [q_lora, D]
-    q_a_norm: torch.Tensor | None = None  # [q_lora]
-    q_b: Weight | None = None  # [H * (dn + dr), q_lora]
 
 
 @dataclass
@@ -78,9 +66,11 @@ class DeepseekV3:
     def __init__(self, cfg: ModelConfig, kernels: Kernels, weights: ModelWeights, parallel: Parallel = SINGLE) -> None:
         self.cfg, self.k, self.w, self.par = cfg, kernels, weights, parallel
         self.heads = cfg.num_attention_heads // parallel.tp_size
-        self.inv_freq = kernels.prepare_tensor(rope_inv_freq(cfg))
-        self.rope_factor = rope_attention_factor(cfg)
-        self.softmax_scale = cfg.softmax_scale
+        self.mla = MLASpec(
+            heads=self.heads, dn=cfg.qk_nope_head_dim, dr=cfg.qk_rope_head_dim, r=cfg.kv_lora_rank, dv=cfg.v_head_dim,
+            eps=cfg.rms_norm_eps, softmax_scale=cfg.softmax_scale, inv_freq=kernels.prepare_tensor(rope_inv_freq(cfg)),
+            rope_factor=rope_attention_factor(cfg),
+        )
         self.router = RouterSpec(
             top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group, scoring=cfg.scoring_func,
             group_score={"noaux_tc": "top2_sum", "group_limited_greedy": "max"}.get(cfg.topk_method, "none"),
@@ -158,24 +148,7 @@ class DeepseekV3:
     def attention(self, aw: AttentionWeights, x: torch.Tensor, layer: int, batch: AttnBatch, cache: LatentCache,
                   last_only: bool = False) -> torch.Tensor:
         """[T, D] -> [T, D] (last_only: [B, D], the last token of each sequence; the others only enter the cache)."""
-        cfg, k = self.cfg, self.k
-        dn, dr, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        kv = k.linear(x, aw.kv_a)  # [T, r + dr]
-        latent = k.rms_norm(kv[:, :r].contiguous(), aw.kv_a_norm, cfg.rms_norm_eps)  # [T, r]
-        k_pe = k.rope(kv[:, r:].contiguous(), batch.positions, self.inv_freq, self.rope_factor)  # [T, dr]
-        if last_only and batch.num_tokens > len(batch.slots):
-            k.store_latent(latent, k_pe, cache, layer, batch)
-            rows = batch.last_token_rows  # their latents are written again below, with their queries
-            x, latent, k_pe, batch = take_rows(x, rows), take_rows(latent, rows), take_rows(k_pe, rows), batch.last_tokens()
-        if aw.q is not None:
-            q = k.linear(x, aw.q)
-        else:
-            q = k.linear(k.rms_norm(k.linear(x, aw.q_a), aw.q_a_norm, cfg.rms_norm_eps), aw.q_b)
-        q = q.view(x.shape[0], self.heads, dn + dr)  # [T, H, dn + dr]
-        q_nope, q_pe = q[..., :dn], q[..., dn:]
-        q_pe = k.rope(q_pe, batch.positions, self.inv_freq, self.rope_factor)
-        o = k.mla_attention(q_nope, q_pe, latent, k_pe, aw.kv_b, cache, layer, batch, self.softmax_scale)  # [T, H, dv]
-        return k.all_reduce(k.linear(o.flatten(1), aw.o), self.par.tp_group)
+        return self.k.all_reduce(self.k.mla_block(x, aw, self.mla, cache, layer, batch, last_only), self.par.tp_group)
 
     def mlp(self, mw: MLPWeights, x: torch.Tensor) -> torch.Tensor:
         return self.k.all_reduce(self.k.dense_mlp(x, mw.gate, mw.up, mw.down), self.par.tp_group)

@@ -20,7 +20,7 @@ import torch
 
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
-from dsv3_rt.core.kernels import DTYPES, ExpertWeights, Kernels, RouterSpec
+from dsv3_rt.core.kernels import DTYPES, AttentionWeights, ExpertWeights, Kernels, MLASpec, RouterSpec
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight, dense, fp8_weight, quantize_fp8_block
 
@@ -320,6 +320,48 @@ for _v, _steps, _dims in (
 CALLS["store_latent"] = _call_mla_sliced
 case("store_latent", "then_attend_last_tokens", "tiny: prefill 12 | store 3 + 2 | attend 1 + 1", ACT_DTYPES)(
     _mla([([0], [0], [12]), ([0, 2], [12, 0], [3, 2]), ([0, 2], [15, 2], [1, 1])], "tiny", store_only=(1,)))
+
+
+# --- a whole MLA block --------------------------------------------------------------------------------------
+def _mla_block(steps: list[tuple[list[int], list[int], list[int]]], q_lora: int | None):
+    """A block over steps (slots, starts, lengths) on one cache; D=128, H=2, dn=32, dr=16, dv=32, r=48: every
+    projection tiles for int8 and int4 (a backend may fuse those), and a first fresh prompt composes."""
+    d, h, dn, dr, dv, r = 128, 2, 32, 16, 32, 48
+
+    def make(g, dtype):
+        a: dict[str, Any] = {"kv_a": W(checkpoint_weight(g, dtype, r + dr, d), "linear"), "kv_a_norm": Vec(1 + 0.1 * randn(g, r)),
+                             "kv_b": W(checkpoint_weight(g, dtype, h * (dn + dv), r), "mla_kv_b"),
+                             "o": W(checkpoint_weight(g, dtype, d, h * dv), "linear"),
+                             "inv_freq": Vec(1.0 / 10000 ** (torch.arange(0, dr, 2).float() / dr)),
+                             "spec": (h, dn, dr, r, dv), "batches": [AttnBatch.build(*step) for step in steps]}
+        if q_lora is None:
+            a["q"] = W(checkpoint_weight(g, dtype, h * (dn + dr), d), "linear")
+        else:
+            a["q_a"] = W(checkpoint_weight(g, dtype, q_lora, d), "linear")
+            a["q_a_norm"] = Vec(1 + 0.1 * randn(g, q_lora))
+            a["q_b"] = W(checkpoint_weight(g, dtype, h * (dn + dr), q_lora), "linear")
+        for i, (_, _, lengths) in enumerate(steps):
+            a[f"x{i}"] = Act(randn(g, sum(lengths), d))
+        return a
+
+    return make
+
+
+def _call_mla_block(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
+    h, dn, dr, r, dv = a["spec"]
+    aw = AttentionWeights(a["kv_a"], a["kv_a_norm"], a["kv_b"], a["o"], a.get("q"), a.get("q_a"), a.get("q_a_norm"), a.get("q_b"))
+    spec = MLASpec(h, dn, dr, r, dv, 1e-6, (dn + dr) ** -0.5, a["inv_freq"], 1.0)
+    cache = k.new_latent_cache(2, 4, 64, r, dr)
+    return [k.mla_block(a[f"x{i}"], aw, spec, cache, 1, AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device))
+            for i, b in enumerate(a["batches"])]
+
+
+CALLS["mla_block"] = _call_mla_block
+_BLOCK_STEPS = [([0, 1], [0, 0], [9, 4]), ([0, 1, 2], [9, 4, 0], [1, 1, 1]), ([0, 2], [10, 1], [2, 1])]
+case("mla_block", "prefill_decode_verify", "D=128,H=2: prompts 9 + 4 | decode 1 + 1 + 1 | verify 2 + 1", DTYPES)(
+    _mla_block(_BLOCK_STEPS, q_lora=64))
+case("mla_block", "no_q_lora", "D=128,H=2: prompts 9 + 4 | decode 1 + 1 + 1 | verify 2 + 1", DTYPES)(
+    _mla_block(_BLOCK_STEPS, q_lora=None))
 
 
 # --- MoE routing -------------------------------------------------------------------------------------------

@@ -21,14 +21,18 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_rt.core import ggml_act
-from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.weights import Weight, dense, quantize_int4_group, quantize_int8_rowwise
 
 API_VERSION = 1
 
 #: Every op of the interface, in the order a token meets them. `Capabilities.ops` names a subset of these.
-OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "store_latent", "mla_attention",
-       "moe_route", "moe_experts", "dense_mlp", "sampling_probs", "sample", "all_reduce", "all_gather")
+OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "mla_block", "linear", "rope", "store_latent",
+       "mla_attention", "moe_route", "moe_experts", "dense_mlp", "sampling_probs", "sample", "all_reduce", "all_gather")
+
+#: Ops whose reference is written in the other ops: a backend that keeps it runs its own kernels through it, which
+#: is no fallback. A backend overrides one to fuse what it composes.
+COMPOSITE_OPS = ("mla_block",)
 
 #: Runtime weight formats selectable with `dtype=` at load.
 DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
@@ -45,6 +49,35 @@ class RouterSpec:
     group_score: str = "top2_sum"  # "top2_sum" (V3 noaux_tc) | "max" (V2 group_limited_greedy) | "none"
     normalize: bool = True  # divide the k weights by their sum
     scaling: float = 1.0  # routed_scaling_factor, applied last
+
+
+@dataclass
+class AttentionWeights:
+    """One MLA layer's weights (this rank's heads under tp)."""
+
+    kv_a: Weight  # [r + dr, D]: latent rows then the shared rope key rows
+    kv_a_norm: torch.Tensor  # [r]
+    kv_b: Weight  # [H * (dn + dv), r]
+    o: Weight  # [D, H * dv]
+    q: Weight | None = None  # [H * (dn + dr), D] when there is no query compression
+    q_a: Weight | None = None  # [q_lora, D]
+    q_a_norm: torch.Tensor | None = None  # [q_lora]
+    q_b: Weight | None = None  # [H * (dn + dr), q_lora]
+
+
+@dataclass(frozen=True, eq=False)
+class MLASpec:
+    """An MLA block's shapes and constants: `heads` are this rank's, inv_freq [dr / 2] fp32 is prepared."""
+
+    heads: int
+    dn: int  # qk_nope_head_dim
+    dr: int  # qk_rope_head_dim
+    r: int  # kv_lora_rank
+    dv: int  # v_head_dim
+    eps: float  # rms_norm_eps
+    softmax_scale: float
+    inv_freq: torch.Tensor
+    rope_factor: float
 
 
 @dataclass
@@ -233,6 +266,31 @@ class Kernels:
         s = x + residual
         return self.rms_norm(s, weight, eps), s
 
+    def mla_block(self, x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int,
+                  batch: AttnBatch, last_only: bool = False) -> torch.Tensor:
+        """A whole MLA block before tp's all_reduce: normed hidden x [T, D] -> [T, D] (last_only: [B, D], each
+        sequence's last token; the others only enter the cache). A composite of the ops below:
+          kv = linear(x, kv_a);  latent = rms_norm(kv[:, :r], kv_a_norm);  k_pe = rope(kv[:, r:])
+          q = linear(rms_norm(linear(x, q_a), q_a_norm), q_b)  (or linear(x, q)), as [T, H, dn + dr], its last dr roped
+          out = linear(mla_attention(q[..., :dn], q[..., dn:], latent, k_pe, kv_b, ...).flatten(1), o)
+        """
+        dn, r = spec.dn, spec.r
+        kv = self.linear(x, aw.kv_a)  # [T, r + dr]
+        latent = self.rms_norm(kv[:, :r].contiguous(), aw.kv_a_norm, spec.eps)  # [T, r]
+        k_pe = self.rope(kv[:, r:].contiguous(), batch.positions, spec.inv_freq, spec.rope_factor)  # [T, dr]
+        if last_only and batch.num_tokens > len(batch.slots):
+            self.store_latent(latent, k_pe, cache, layer, batch)
+            rows = batch.last_token_rows  # their latents are written again below, with their queries
+            x, latent, k_pe, batch = take_rows(x, rows), take_rows(latent, rows), take_rows(k_pe, rows), batch.last_tokens()
+        if aw.q is not None:
+            q = self.linear(x, aw.q)
+        else:
+            q = self.linear(self.rms_norm(self.linear(x, aw.q_a), aw.q_a_norm, spec.eps), aw.q_b)
+        q = q.view(x.shape[0], spec.heads, dn + spec.dr)  # [T, H, dn + dr]
+        q_pe = self.rope(q[..., dn:], batch.positions, spec.inv_freq, spec.rope_factor)
+        o = self.mla_attention(q[..., :dn], q_pe, latent, k_pe, aw.kv_b, cache, layer, batch, spec.softmax_scale)
+        return self.linear(o.flatten(1), aw.o)  # [T, D]
+
     def linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         """x [T, K] -> x @ W.T as [T, N], W the dequantised [N, K] weight; fp32 accumulation. A weight
         carrying a `ggml_act` rule (activations="ggml-cpu") first rounds x as ggml's CPU matmul does."""
@@ -403,7 +461,7 @@ def overridden_ops(cls: type[Kernels]) -> tuple[str, ...]:
 
 def fallback_ops(cls: type[Kernels]) -> tuple[str, ...]:
     """Ops `cls` does not declare in `capabilities.ops`: they run the reference code, and reports say so."""
-    return tuple(op for op in OPS if op not in cls.capabilities.ops)
+    return tuple(op for op in OPS if op not in cls.capabilities.ops and op not in COMPOSITE_OPS)
 
 
 def _topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:

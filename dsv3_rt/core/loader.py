@@ -15,7 +15,8 @@ from dsv3_rt.core.errors import CheckpointError
 from dsv3_rt.core.kernels import ExpertWeights, Kernels
 from dsv3_rt.core.parallel import SINGLE, Parallel
 from dsv3_rt.core.weights import Weight
-from dsv3_rt.graph import AttentionWeights, LayerWeights, MLPWeights, ModelWeights, MoEWeights, MTPWeights
+from dsv3_rt.core.kernels import AttentionWeights
+from dsv3_rt.graph import LayerWeights, MLPWeights, ModelWeights, MoEWeights, MTPWeights
 
 
 def expected_shapes(cfg: ModelConfig, with_mtp: bool = True) -> dict[str, tuple[int, ...]]:

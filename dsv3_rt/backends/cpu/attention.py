@@ -11,12 +11,16 @@ preset 2 MiB a layer, the largest read of a decode step's attention).
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
-from dsv3_rt.backends.cpu import small_ops
+from dsv3_rt.backends.cpu import native, small_ops
+from dsv3_rt.backends.cpu.matmul import TILES_WIDEN_ROWS
+from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
-from dsv3_rt.core.kernels import LatentCache
+from dsv3_rt.core.kernels import AttentionWeights, LatentCache, MLASpec
 from dsv3_rt.core.weights import Weight
 
 #: fp32 attention scores a fresh prompt's attention materialises at once (see `_naive_causal`)
@@ -137,4 +141,77 @@ def _naive_causal(qn: torch.Tensor, qp: torch.Tensor, keys: torch.Tensor, w_uk: 
         o = F.scaled_dot_product_attention(q[None, h:h + group], k[None, h:h + group], v[None, h:h + group],
                                            is_causal=True, scale=scale)
         out[:, h:h + group] = o[0].transpose(0, 1)
+    return out
+
+
+# --- the whole block in one call ----------------------------------------------------------------------------
+class _Tiled(ctypes.Structure):
+    _fields_ = [("bits", ctypes.c_int), ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("n", ctypes.c_long),
+                ("k", ctypes.c_long)]
+
+
+class _BlockArgs(ctypes.Structure):  # native/mla_block.c's block_args
+    _fields_ = [("q_a", _Tiled), ("q_b", _Tiled), ("kv_a", _Tiled), ("o", _Tiled),
+                *[(f, ctypes.c_void_p) for f in ("q_a_norm", "kv_a_norm", "w_uk", "w_uv_t", "uk_scale", "uv_scale", "cache")],
+                *[(f, ctypes.c_long) for f in ("max_len", "heads", "dn", "dr", "r", "dv")],
+                ("inv_freq", ctypes.c_void_p), *[(f, ctypes.c_float) for f in ("rope_factor", "eps", "softmax_scale")]]
+
+
+_TILED_BITS = {"int8_tiles": 8, "int4_tiles": 4}
+_BLOCK_KEY = "cpu.mla_block"  # kv_a.meta key of a layer's _BlockArgs (all but the cache pointer, which can move)
+
+
+def _tiled(w: Weight | None) -> _Tiled | None:
+    if w is None:
+        return _Tiled()
+    bits = _TILED_BITS.get(w.format)
+    if bits is None or ggml_act.KEY in w.meta:
+        return None
+    return _Tiled(bits, w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr(), w.shape[0], w.shape[1])
+
+
+def _block_args(aw: AttentionWeights, spec: MLASpec) -> _BlockArgs | None:
+    """The C call's weights and shapes for one layer, made once (the int8 absorbed copies of kv_b with them);
+    None where the C block does not apply (a weight that is not tiled, fp32 norm weights missing)."""
+    got = aw.kv_a.meta.get(_BLOCK_KEY, False)
+    if got is not False:
+        return got
+    proj = [_tiled(w) for w in (aw.q_a, aw.q_b if aw.q is None else aw.q, aw.kv_a, aw.o)]
+    vecs = [t for t in (aw.q_a_norm, aw.kv_a_norm, spec.inv_freq) if t is not None]
+    args = None
+    if (None not in proj and all(t.dtype == torch.float32 and t.is_contiguous() for t in vecs)
+            and spec.dv <= spec.dn + spec.dr and native.library() is not None):
+        w_uk, uk_scale, w_uv_t, uv_scale = split_kv_b_int8(aw.kv_b, spec.heads, spec.dn)
+        args = _BlockArgs(*proj, None if aw.q_a_norm is None else aw.q_a_norm.data_ptr(), aw.kv_a_norm.data_ptr(),
+                          w_uk.data_ptr(), w_uv_t.data_ptr(), uk_scale.data_ptr(), uv_scale.data_ptr(), None, 0,
+                          spec.heads, spec.dn, spec.dr, spec.r, spec.dv, spec.inv_freq.data_ptr(), spec.rope_factor,
+                          spec.eps, spec.softmax_scale)
+    aw.kv_a.meta[_BLOCK_KEY] = args
+    return args
+
+
+def mla_block(x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int,
+              batch: AttnBatch) -> torch.Tensor | None:
+    """Kernels.mla_block for a step whose sequences all sit on a cached prefix (decode, MTP verification) or add
+    one token, over tiled weights and a fused fp32 cache: one C call (`native/mla_block.c`), bit-identical to this
+    backend's op-by-op path. None otherwise (a fresh prompt takes the naive form, many rows the W8A8 GEMM)."""
+    if x.dtype != torch.float32 or x.shape[0] >= TILES_WIDEN_ROWS:
+        return None
+    spans = batch.spans()
+    if any(start == 0 and n > 1 for _, start, _, n in spans):
+        return None
+    kv, pe = cache.kv[layer], cache.pe[layer]
+    base = kv._base
+    if (base is None or pe._base is not base or base.dtype != torch.float32 or not base.is_contiguous()
+            or base.shape[-1] != spec.r + spec.dr):
+        return None
+    args = _block_args(aw, spec)
+    if args is None:
+        return None
+    args.cache, args.max_len = base.data_ptr(), base.shape[1]
+    xc, pos = x.contiguous(), batch.positions.contiguous()
+    table = torch.tensor(spans, dtype=torch.long)
+    out = torch.empty(x.shape[0], aw.o.shape[0], dtype=torch.float32)
+    native.library().dsv3_mla_block(ctypes.byref(args), xc.data_ptr(), pos.data_ptr(), x.shape[0], table.data_ptr(),
+                                    len(spans), out.data_ptr())
     return out

@@ -41,7 +41,7 @@ from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
-from dsv3_rt.core.kernels import Capabilities, ExpertWeights, Kernels, LatentCache, RouterSpec
+from dsv3_rt.core.kernels import AttentionWeights, Capabilities, ExpertWeights, Kernels, LatentCache, MLASpec, RouterSpec
 from dsv3_rt.core.weights import Weight, dense
 
 
@@ -53,8 +53,8 @@ class CpuBackend(Kernels):
         compute_dtypes=("bfloat16", "float32"),
         weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
-        ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "linear", "rope", "store_latent", "mla_attention",
-             "moe_route", "moe_experts", "dense_mlp", "sample"),
+        ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "mla_block", "linear", "rope", "store_latent",
+             "mla_attention", "moe_route", "moe_experts", "dense_mlp", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
         features=("mla.absorb", "mla.fused_latent_cache", "moe.grouped_by_expert", ggml_act.FEATURE),
@@ -66,11 +66,12 @@ class CpuBackend(Kernels):
     #: further from fp32 than the reference's own int4, and matches the reference on *its* weights in the op cases)
     conformance_tolerances = {
         "model.*:int4": Tolerance(0.25, 0.1, "different 4-bit quantiser than the reference's (asymmetric 64-groups vs symmetric 32-groups)"),
-        **{f"{op}*:{dtype}": Tolerance(4e-2, 4e-2, reason) for op in ("linear", "dense_mlp", "moe_experts")
+        **{f"{op}*:{dtype}": Tolerance(4e-2, 4e-2, reason) for op in ("linear", "dense_mlp", "moe_experts", "mla_block")
            for dtype, reason in (("int4", "the int4_tiles kernel rounds activations to int8 per 64-column group (as "
                                           "llama.cpp's 4-bit dot products do), on top of bf16-level rounding"),
                                  ("int8", "prefill (32+ rows) rounds activations to int8 per row for torch's int8 GEMM "
-                                          "(W8A8 with per-token scales, as SGLang's CPU backend); decode with VNNI per 64-column group"))},
+                                          "(W8A8 with per-token scales, as SGLang's CPU backend); decode with VNNI per 64-column group, and "
+                                          "decode's absorbed MLA reads kv_b's halves as int8 per row"))},
     }
 
     @classmethod
@@ -183,6 +184,14 @@ class CpuBackend(Kernels):
             return super().mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale)
         return attention.mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale,
                                        int8_absorbed=self.dtype in ("int8", "int4"))
+
+    def mla_block(self, x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int,
+                  batch: AttnBatch, last_only: bool = False) -> torch.Tensor:
+        """A decode or verify step over tiled weights is one C call (`attention.mla_block`); the rest composes."""
+        fused = None
+        if self.dtype in ("int8", "int4") and not (last_only and batch.num_tokens > len(batch.slots)):
+            fused = attention.mla_block(x, aw, spec, cache, layer, batch)
+        return super().mla_block(x, aw, spec, cache, layer, batch, last_only) if fused is None else fused
 
     def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
         return moe.moe_experts(x, weights, ids, experts)

@@ -110,11 +110,23 @@ static void run(int bits, product *ps, long count) {
         }
 }
 
+void dsv3_tiles_matmuls(int bits, const float *x, long m, long k, long count, const void *const *data,
+                        const void *const *scale, const long *ns, float *const *ys);
+
 /* y [m, n] = x [m, k] @ w.T for one tiled weight (bits 8: int8_tiles with its bf16 row scales; 4: int4_tiles,
  * VNNI only): the linear layers' entry point, with the same activation rounding and thread team as the MLPs. */
 void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k) {
-    product p = { x, { (const uint8_t *)data, (const uint16_t *)scale }, y, m, n, k };
-    run(bits, &p, 1);
+    dsv3_tiles_matmuls(bits, x, m, k, 1, &data, &scale, &n, &y);
+}
+
+/* ys[i] [m, ns[i]] = x [m, k] @ w_i.T for `count` tiled weights of one format over the same x, in one pass of the
+ * thread team (an MLA block's q_a and kv_a). */
+void dsv3_tiles_matmuls(int bits, const float *x, long m, long k, long count, const void *const *data,
+                        const void *const *scale, const long *ns, float *const *ys) {
+    product ps[count];
+    for (long i = 0; i < count; i++)
+        ps[i] = (product){ x, { (const uint8_t *)data[i], (const uint16_t *)scale[i] }, ys[i], m, ns[i], k };
+    run(bits, ps, count);
 }
 
 /* SwiGLU of `count` MLPs at once: mlp i maps xs[i] [ms[i], d] to ys[i] through gate/up/down[i]. */
