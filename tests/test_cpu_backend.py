@@ -277,7 +277,7 @@ def test_decode_equals_prefill_and_batch_equals_single(dtype):
 
 
 def test_mla_block_in_one_call_is_the_op_by_op_path():
-    """Decode and verify steps of several sequences run each MLA block as one C call: the same outputs and
+    """Decode, verify and MTP steps of several sequences run each MLA block as one C call: the same outputs and
     cache, bit for bit, as composing the backend's own ops (the reference Kernels.mla_block over them). (At int4
     the default model's q_b and o do not tile, so there it composes; conformance's mla_block cases tile at int4.)"""
     if native.library() is None:
@@ -295,7 +295,9 @@ def test_mla_block_in_one_call_is_the_op_by_op_path():
             k.mla_block = lambda *a, **kw: Kernels.mla_block(k, *a, **kw)
         cache, off, outs = g.new_cache(3, 32), 0, []
         for slots, starts, lengths in steps:
-            outs.append(g.forward(ids[off:off + sum(lengths)], AttnBatch.build(slots, starts, lengths), cache))
+            batch = AttnBatch.build(slots, starts, lengths)
+            outs.append(g.forward(ids[off:off + sum(lengths)], batch, cache))
+            outs.extend(g.mtp(0, outs[-1], ids[off + 1:off + 1 + sum(lengths)], batch, cache))  # last_only: T > B
             off += sum(lengths)
         runs.append((outs, [b._base.clone() for b in cache.kv]))
         k.__dict__.pop("mla_block", None)

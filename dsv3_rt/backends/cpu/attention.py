@@ -191,14 +191,15 @@ def _block_args(aw: AttentionWeights, spec: MLASpec) -> _BlockArgs | None:
 
 
 def mla_block(x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int,
-              batch: AttnBatch) -> torch.Tensor | None:
+              batch: AttnBatch, last_only: bool = False) -> torch.Tensor | None:
     """Kernels.mla_block for a step whose sequences all sit on a cached prefix (decode, MTP verification) or add
-    one token, over tiled weights and a fused fp32 cache: one C call (`native/mla_block.c`), bit-identical to this
-    backend's op-by-op path. None otherwise (a fresh prompt takes the naive form, many rows the W8A8 GEMM)."""
+    one token, or (last_only) an MTP module's step, over tiled weights and a fused fp32 cache: one C call
+    (`native/mla_block.c`), bit-identical to this backend's op-by-op path. None otherwise (a fresh prompt takes
+    the naive form, many rows the W8A8 GEMM)."""
     if x.dtype != torch.float32 or x.shape[0] >= TILES_WIDEN_ROWS:
         return None
     spans = batch.spans()
-    if any(start == 0 and n > 1 for _, start, _, n in spans):
+    if not last_only and any(start == 0 and n > 1 for _, start, _, n in spans):
         return None
     kv, pe = cache.kv[layer], cache.pe[layer]
     base = kv._base
@@ -211,7 +212,7 @@ def mla_block(x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: Laten
     args.cache, args.max_len = base.data_ptr(), base.shape[1]
     xc, pos = x.contiguous(), batch.positions.contiguous()
     table = torch.tensor(spans, dtype=torch.long)
-    out = torch.empty(x.shape[0], aw.o.shape[0], dtype=torch.float32)
+    out = torch.empty(len(spans) if last_only else x.shape[0], aw.o.shape[0], dtype=torch.float32)
     native.library().dsv3_mla_block(ctypes.byref(args), xc.data_ptr(), pos.data_ptr(), x.shape[0], table.data_ptr(),
-                                    len(spans), out.data_ptr())
+                                    len(spans), int(last_only), out.data_ptr())
     return out

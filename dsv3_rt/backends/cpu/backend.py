@@ -187,10 +187,10 @@ class CpuBackend(Kernels):
 
     def mla_block(self, x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int,
                   batch: AttnBatch, last_only: bool = False) -> torch.Tensor:
-        """A decode or verify step over tiled weights is one C call (`attention.mla_block`); the rest composes."""
+        """A decode, verify or MTP draft step over tiled weights is one C call (`attention.mla_block`); the rest composes."""
         fused = None
-        if self.dtype in ("int8", "int4") and not (last_only and batch.num_tokens > len(batch.slots)):
-            fused = attention.mla_block(x, aw, spec, cache, layer, batch)
+        if self.dtype in ("int8", "int4"):
+            fused = attention.mla_block(x, aw, spec, cache, layer, batch, last_only)
         return super().mla_block(x, aw, spec, cache, layer, batch, last_only) if fused is None else fused
 
     def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:

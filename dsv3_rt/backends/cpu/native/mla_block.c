@@ -11,7 +11,7 @@
 #include <string.h>
 
 void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k);
-void dsv3_tiles_matmuls(int bits, const float *x, long m, long k, long count, const void *const *data,
+void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long *ms, long k, const void *const *data,
                         const void *const *scale, const long *ns, float *const *ys);
 void dsv3_rms_norm(const float *x, const float *w, float *y, long m, long d, float eps);
 void dsv3_rope(const float *x, const int64_t *positions, const float *inv_freq, float factor, float *y, long t,
@@ -43,21 +43,35 @@ static void project(const tiled *w, const float *x, float *y, long m) {
     dsv3_tiles_matmul(w->bits, x, w->data, w->scale, y, m, w->n, w->k);
 }
 
-/* x [t, D] -> out [t, o.n]; positions [t]; spans [count][4] = (slot, start, row offset, length) per sequence. */
+/* x [t, D] -> out [t, o.n] (last_only: [count, o.n], each sequence's last token; every token enters the cache);
+ * positions [t]; spans [count][4] = (slot, start, row offset, length) per sequence. */
 void dsv3_mla_block(const block_args *a, const float *x, const int64_t *positions, long t, const long *spans,
-                    long count, float *out) {
-    const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, width = r + dr, qw = dn + dr;
-    float *kv = malloc(t * width * sizeof(float)), *q = malloc(t * heads * qw * sizeof(float));
-    const long lora = a->q_a.data ? a->q_a.n : 0;
-    float *qa = malloc(2 * t * lora * sizeof(float) + 1);
+                    long count, int last_only, float *out) {
+    const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, width = r + dr, qw = dn + dr, d = a->kv_a.k;
+    const long m = last_only ? count : t, lora = a->q_a.data ? a->q_a.n : 0;
+    /* the rows that go on past the cache (xm, their positions, their spans): all of them, or each sequence's last */
+    float *xm = malloc(m * d * sizeof(float));
+    int64_t *pos = malloc(m * sizeof(int64_t));
+    long *att = malloc(4 * count * sizeof(long));
+    for (long s = 0; s < count; s++) {
+        const long slot = spans[4 * s], start = spans[4 * s + 1], off = spans[4 * s + 2], n = spans[4 * s + 3];
+        const long first = last_only ? off + n - 1 : off, rows = last_only ? 1 : n, at = last_only ? s : off;
+        memcpy(xm + at * d, x + first * d, rows * d * sizeof(float));
+        memcpy(pos + at, positions + first, rows * sizeof(int64_t));
+        const long span[4] = { slot, start + n - rows, at, rows };
+        memcpy(att + 4 * s, span, sizeof span);
+    }
+    float *kv = malloc(t * width * sizeof(float)), *q = malloc(m * heads * qw * sizeof(float));
+    float *qa = malloc(2 * m * lora * sizeof(float) + 1);
     if (lora && a->q_a.bits == a->kv_a.bits) {  /* both read x: one pass of the thread team */
+        const float *xs[2] = { x, xm };
         const void *data[2] = { a->kv_a.data, a->q_a.data }, *scale[2] = { a->kv_a.scale, a->q_a.scale };
-        const long ns[2] = { a->kv_a.n, lora };
+        const long ms[2] = { t, m }, ns[2] = { a->kv_a.n, lora };
         float *ys[2] = { kv, qa };
-        dsv3_tiles_matmuls(a->kv_a.bits, x, t, a->kv_a.k, 2, data, scale, ns, ys);
+        dsv3_tiles_matmuls(a->kv_a.bits, 2, xs, ms, d, data, scale, ns, ys);
     } else {
         project(&a->kv_a, x, kv, t);
-        if (lora) project(&a->q_a, x, qa, t);
+        if (lora) project(&a->q_a, xm, qa, m);
     }
     for (long s = 0; s < count; s++) {  /* this step's latents and roped keys into the cache */
         const long slot = spans[4 * s], start = spans[4 * s + 1], off = spans[4 * s + 2], n = spans[4 * s + 3];
@@ -69,28 +83,31 @@ void dsv3_mla_block(const block_args *a, const float *x, const int64_t *position
         }
     }
     if (lora) {
-        dsv3_rms_norm(qa, a->q_a_norm, qa + t * lora, t, lora, a->eps);
-        project(&a->q_b, qa + t * lora, q, t);
+        dsv3_rms_norm(qa, a->q_a_norm, qa + m * lora, m, lora, a->eps);
+        project(&a->q_b, qa + m * lora, q, m);
     } else {
-        project(&a->q_b, x, q, t);
+        project(&a->q_b, xm, q, m);
     }
-    /* split q [t, heads, dn + dr] into q_nope and the roped q_pe */
-    float *q_nope = malloc(t * heads * (dn + 2 * dr) * sizeof(float)), *pe = q_nope + t * heads * dn, *q_pe = pe + t * heads * dr;
-    for (long i = 0; i < t * heads; i++) {
+    /* split q [m, heads, dn + dr] into q_nope and the roped q_pe */
+    float *q_nope = malloc(m * heads * (dn + 2 * dr) * sizeof(float)), *pe = q_nope + m * heads * dn, *q_pe = pe + m * heads * dr;
+    for (long i = 0; i < m * heads; i++) {
         memcpy(q_nope + i * dn, q + i * qw, dn * sizeof(float));
         memcpy(pe + i * dr, q + i * qw + dn, dr * sizeof(float));
     }
-    dsv3_rope(pe, positions, a->inv_freq, a->rope_factor, q_pe, t, heads, dr);
-    float *heads_out = q;  /* [t, heads, dv] reuses q's buffer (dv <= dn + dr is checked by the caller) */
+    dsv3_rope(pe, pos, a->inv_freq, a->rope_factor, q_pe, m, heads, dr);
+    float *heads_out = q;  /* [m, heads, dv] reuses q's buffer (dv <= dn + dr is checked by the caller) */
     for (long s = 0; s < count; s++) {
-        const long slot = spans[4 * s], start = spans[4 * s + 1], off = spans[4 * s + 2], n = spans[4 * s + 3];
+        const long slot = att[4 * s], start = att[4 * s + 1], off = att[4 * s + 2], n = att[4 * s + 3];
         dsv3_mla_absorbed(q_nope + off * heads * dn, q_pe + off * heads * dr, a->w_uk, a->uk_scale, a->w_uv_t,
                           a->uv_scale, a->cache + slot * a->max_len * width, heads_out + off * heads * a->dv, n, heads,
                           dn, dr, r, a->dv, start, a->softmax_scale);
     }
-    project(&a->o, heads_out, out, t);
+    project(&a->o, heads_out, out, m);
     free(q_nope);
     free(qa);
     free(q);
     free(kv);
+    free(att);
+    free(pos);
+    free(xm);
 }

@@ -110,22 +110,22 @@ static void run(int bits, product *ps, long count) {
         }
 }
 
-void dsv3_tiles_matmuls(int bits, const float *x, long m, long k, long count, const void *const *data,
+void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long *ms, long k, const void *const *data,
                         const void *const *scale, const long *ns, float *const *ys);
 
 /* y [m, n] = x [m, k] @ w.T for one tiled weight (bits 8: int8_tiles with its bf16 row scales; 4: int4_tiles,
  * VNNI only): the linear layers' entry point, with the same activation rounding and thread team as the MLPs. */
 void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k) {
-    dsv3_tiles_matmuls(bits, x, m, k, 1, &data, &scale, &n, &y);
+    dsv3_tiles_matmuls(bits, 1, &x, &m, k, &data, &scale, &n, &y);
 }
 
-/* ys[i] [m, ns[i]] = x [m, k] @ w_i.T for `count` tiled weights of one format over the same x, in one pass of the
- * thread team (an MLA block's q_a and kv_a). */
-void dsv3_tiles_matmuls(int bits, const float *x, long m, long k, long count, const void *const *data,
+/* ys[i] [ms[i], ns[i]] = xs[i] [ms[i], k] @ w_i.T for `count` tiled weights of one format, in one pass of the
+ * thread team (an MLA block's kv_a and q_a). */
+void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long *ms, long k, const void *const *data,
                         const void *const *scale, const long *ns, float *const *ys) {
     product ps[count];
     for (long i = 0; i < count; i++)
-        ps[i] = (product){ x, { (const uint8_t *)data[i], (const uint16_t *)scale[i] }, ys[i], m, ns[i], k };
+        ps[i] = (product){ xs[i], { (const uint8_t *)data[i], (const uint16_t *)scale[i] }, ys[i], ms[i], ns[i], k };
     run(bits, ps, count);
 }
 
