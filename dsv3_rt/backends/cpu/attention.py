@@ -158,7 +158,7 @@ class _BlockArgs(ctypes.Structure):  # native/mla_block.c's block_args
 
 
 _TILED_BITS = {"int8_tiles": 8, "int4_tiles": 4}
-_BLOCK_KEY = "cpu.mla_block"  # kv_a.meta key of a layer's _BlockArgs (all but the cache pointer, which can move)
+_BLOCK_KEY = "cpu.mla_block"  # kv_a.meta key of (spec, the layer's _BlockArgs but the cache, which can move)
 
 
 def _tiled(w: Weight | None) -> _Tiled | None:
@@ -171,11 +171,12 @@ def _tiled(w: Weight | None) -> _Tiled | None:
 
 
 def _block_args(aw: AttentionWeights, spec: MLASpec) -> _BlockArgs | None:
-    """The C call's weights and shapes for one layer, made once (the int8 absorbed copies of kv_b with them);
-    None where the C block does not apply (a weight that is not tiled, fp32 norm weights missing)."""
-    got = aw.kv_a.meta.get(_BLOCK_KEY, False)
-    if got is not False:
-        return got
+    """The C call's weights and shapes for one layer, made once per spec (the int8 absorbed copies of kv_b with
+    them; the meta entry keeps the spec, whose inv_freq the C call reads, alive); None where the C block does not
+    apply (a weight that is not tiled, norm weights that are not fp32)."""
+    got = aw.kv_a.meta.get(_BLOCK_KEY)
+    if got is not None and got[0] is spec:
+        return got[1]
     proj = [_tiled(w) for w in (aw.q_a, aw.q_b if aw.q is None else aw.q, aw.kv_a, aw.o)]
     vecs = [t for t in (aw.q_a_norm, aw.kv_a_norm, spec.inv_freq) if t is not None]
     args = None
@@ -186,7 +187,7 @@ def _block_args(aw: AttentionWeights, spec: MLASpec) -> _BlockArgs | None:
                           w_uk.data_ptr(), w_uv_t.data_ptr(), uk_scale.data_ptr(), uv_scale.data_ptr(), None, 0,
                           spec.heads, spec.dn, spec.dr, spec.r, spec.dv, spec.inv_freq.data_ptr(), spec.rope_factor,
                           spec.eps, spec.softmax_scale)
-    aw.kv_a.meta[_BLOCK_KEY] = args
+    aw.kv_a.meta[_BLOCK_KEY] = (spec, args)
     return args
 
 
