@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import native, small_ops
+from dsv3_rt.backends.cpu.formats import TILED_BITS
 from dsv3_rt.backends.cpu.matmul import TILES_WIDEN_ROWS
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
@@ -33,13 +34,21 @@ def new_fused_cache(layers: int, slots: int, max_len: int, r: int, dr: int, dtyp
     return LatentCache([b[..., :r] for b in bufs], [b[..., r:] for b in bufs])
 
 
-def _keys(cache: LatentCache, layer: int, slot: int, length: int) -> torch.Tensor:
-    """[length, r + dr] latent ++ rope key of one sequence (a view when the cache is fused, else a copy)."""
+def _fused_base(cache: LatentCache, layer: int) -> torch.Tensor | None:
+    """The layer's [slots, max_len, r + dr] buffer when its kv / pe are views of one (`new_fused_cache`), else None."""
     kv, pe = cache.kv[layer], cache.pe[layer]
     base = kv._base
     if base is not None and pe._base is base and base.shape[-1] == kv.shape[-1] + pe.shape[-1]:
+        return base
+    return None
+
+
+def _keys(cache: LatentCache, layer: int, slot: int, length: int) -> torch.Tensor:
+    """[length, r + dr] latent ++ rope key of one sequence (a view when the cache is fused, else a copy)."""
+    base = _fused_base(cache, layer)
+    if base is not None:
         return base[slot, :length]
-    return torch.cat([kv[slot, :length], pe[slot, :length]], dim=-1)
+    return torch.cat([cache.kv[layer][slot, :length], cache.pe[layer][slot, :length]], dim=-1)
 
 
 def split_kv_b(kv_b: Weight, heads: int, dn: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,14 +166,13 @@ class _BlockArgs(ctypes.Structure):  # native/mla_block.c's block_args
                 ("inv_freq", ctypes.c_void_p), *[(f, ctypes.c_float) for f in ("rope_factor", "eps", "softmax_scale")]]
 
 
-_TILED_BITS = {"int8_tiles": 8, "int4_tiles": 4}
 _BLOCK_KEY = "cpu.mla_block"  # kv_a.meta key of (spec, the layer's _BlockArgs but the cache, which can move)
 
 
 def _tiled(w: Weight | None) -> _Tiled | None:
     if w is None:
         return _Tiled()
-    bits = _TILED_BITS.get(w.format)
+    bits = TILED_BITS.get(w.format)
     if bits is None or ggml_act.KEY in w.meta:
         return None
     return _Tiled(bits, w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr(), w.shape[0], w.shape[1])
@@ -202,10 +210,8 @@ def mla_block(x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: Laten
     spans = batch.spans()
     if not last_only and any(start == 0 and n > 1 for _, start, _, n in spans):
         return None
-    kv, pe = cache.kv[layer], cache.pe[layer]
-    base = kv._base
-    if (base is None or pe._base is not base or base.dtype != torch.float32 or not base.is_contiguous()
-            or base.shape[-1] != spec.r + spec.dr):
+    base = _fused_base(cache, layer)
+    if base is None or base.dtype != torch.float32 or not base.is_contiguous() or base.shape[-1] != spec.r + spec.dr:
         return None
     args = _block_args(aw, spec)
     if args is None:

@@ -47,6 +47,9 @@ def quantize_int8(w: torch.Tensor) -> Weight:
 
 TILE_ROWS, TILE_COLS = 4, 16
 
+#: bits per weight of the tiled formats the C kernels read (`native/mlp.c`, `native/mla_block.c`)
+TILED_BITS = {"int8_tiles": 8, "int4_tiles": 4}
+
 
 def can_tile(w: Weight) -> bool:
     return w.shape[-2] % TILE_ROWS == 0 and w.shape[-1] % TILE_COLS == 0

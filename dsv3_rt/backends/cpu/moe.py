@@ -14,18 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import native
+from dsv3_rt.backends.cpu.formats import TILED_BITS
 from dsv3_rt.backends.cpu.matmul import TILES_WIDEN_ROWS, matmul
 from dsv3_rt.core.kernels import ExpertWeights
 from dsv3_rt.core.weights import Weight
 
 FEW_SELECTIONS = 16  # up to this many (token, expert) pairs take the Python-grouped path (untiled weights)
 C_MLP_ROWS = 16  # a dense MLP over fewer rows (a decode or verify step) is one C call; more go through matmul
-_TILED_BITS = {"int8_tiles": 8, "int4_tiles": 4}
 
 
 def _tiled_bits(*ws: Weight) -> int | None:
     """8 or 4 when all of ws are in the same tiled format (what the C MLP reads), else None."""
-    bits = {_TILED_BITS.get(w.format) for w in ws}
+    bits = {TILED_BITS.get(w.format) for w in ws}
     return bits.pop() if len(bits) == 1 and None not in bits else None
 
 
