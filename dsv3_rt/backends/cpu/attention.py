@@ -4,7 +4,7 @@ The cache of a layer is one buffer [slots, max_len, r + dr] (latent, then the ro
 `LatentCache.kv` / `.pe` entries as views into it, so the keys of the absorbed form are one contiguous
 matrix. Decode and chunks on a cached prefix use the absorbed form (attend over the latent: MQA with
 head dim r + dr); a fresh prompt uses the naive form through `scaled_dot_product_attention` (causal MHA with
-head dim dn + dr, cheaper when every key is new). W_UK / W_UV are split from kv_b once per weight. In fp32 the
+head dim dn + dr, cheaper when every key is new; v padded to that head dim so the flash kernel runs). W_UK / W_UV are split from kv_b once per weight. In fp32 the
 absorbed form is one C call per sequence (`small_ops.mla_absorbed`) instead of a dozen small torch ops; under
 int8 / int4 that call reads W_UK / W_UV^T as int8 with a scale per row, a quarter of the fp32 bytes (on the bench
 preset 2 MiB a layer, the largest read of a decode step's attention).
@@ -23,9 +23,6 @@ from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import AttentionWeights, LatentCache, MLASpec
 from dsv3_rt.core.weights import Weight
-
-#: fp32 attention scores a fresh prompt's attention materialises at once (see `_naive_causal`)
-SCORES_BYTES = 16 << 20
 
 
 def new_fused_cache(layers: int, slots: int, max_len: int, r: int, dr: int, dtype: torch.dtype,
@@ -131,7 +128,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_
 
 def _naive_causal(qn: torch.Tensor, qp: torch.Tensor, keys: torch.Tensor, w_uk: torch.Tensor,
                   w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """A fresh sequence: per-head K/V from the latent, causal SDPA (flash kernel on CPU). -> [n, H, dv]"""
+    """A fresh sequence: per-head K/V from the latent, causal SDPA. -> [n, H, dv]"""
     heads, dn, r = w_uk.shape
     n = qn.shape[0]
     latent, k_pe = keys[:, :r], keys[:, r:]
@@ -139,18 +136,13 @@ def _naive_causal(qn: torch.Tensor, qp: torch.Tensor, keys: torch.Tensor, w_uk: 
     v = torch.matmul(latent, w_uv_t)  # [H, L, dv]
     k = torch.cat([k_nope, k_pe.expand(heads, n, k_pe.shape[-1])], dim=-1)
     q = torch.cat([qn, qp.to(qn.dtype)], dim=-1).transpose(0, 1)  # [H, n, dn + dr]
-    # dn + dr != dv rules out the flash kernel, so SDPA materialises fp32 scores [H, n, n] (and their softmax):
-    # 2 x 64 MiB at 1024 tokens x 16 heads. Heads are independent: run them in groups of SCORES_BYTES.
-    group = heads if heads * n * n * 4 <= SCORES_BYTES else max(1, SCORES_BYTES // (n * n * 4))
-    if group >= heads:
-        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
-        return o[0].transpose(0, 1)
-    out = torch.empty(n, heads, v.shape[-1], dtype=v.dtype, device=v.device)
-    for h in range(0, heads, group):
-        o = F.scaled_dot_product_attention(q[None, h:h + group], k[None, h:h + group], v[None, h:h + group],
-                                           is_causal=True, scale=scale)
-        out[:, h:h + group] = o[0].transpose(0, 1)
-    return out
+    # CPU SDPA runs its flash kernel (blocked, no [H, n, n] scores) only when q, k and v share one head dim;
+    # dn + dr != dv otherwise sends it to the math path, which materialises fp32 scores and their softmax and
+    # took twice as long at 1024 tokens on the bench preset. Zero columns change neither scores nor outputs.
+    dv, d = v.shape[-1], max(q.shape[-1], v.shape[-1])
+    q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
+    return o[0, :, :, :dv].transpose(0, 1)
 
 
 # --- the whole block in one call ----------------------------------------------------------------------------
