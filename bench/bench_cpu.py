@@ -115,7 +115,7 @@ def worker_dsv3(args: argparse.Namespace) -> dict:
 
 def _weights_of(model) -> list:  # noqa: ANN001
     """(weight, fraction read per decoded token) for every matrix of the main model."""
-    from dsv3_rt.graph import MoEWeights
+    from dsv3_rt.core.kernels import MoEWeights
 
     w, cfg = model.graph.w, model.config
     out = [(w.embed, 1 / cfg.vocab_size), (w.head, 1.0)]

@@ -11,25 +11,10 @@ import torch
 
 from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.config import ModelConfig
-from dsv3_rt.core.kernels import AttentionWeights, ExpertWeights, Kernels, LatentCache, MLASpec, RouterSpec
+from dsv3_rt.core.kernels import AttentionWeights, Kernels, LatentCache, MLASpec, MLPWeights, MoEWeights, RouterSpec
 from dsv3_rt.core.parallel import SINGLE, Parallel
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight
-
-
-@dataclass
-class MLPWeights:
-    gate: Weight  # [I, D]
-    up: Weight  # [I, D]
-    down: Weight  # [D, I]
-
-
-@dataclass
-class MoEWeights:
-    router: Weight  # [E, D], fp32
-    bias: torch.Tensor | None  # [E] fp32 e_score_correction_bias (selection only)
-    experts: ExpertWeights
-    shared: MLPWeights | None
 
 
 @dataclass
@@ -154,11 +139,7 @@ class DeepseekV3:
         return self.k.all_reduce(self.k.dense_mlp(x, mw.gate, mw.up, mw.down), self.par.tp_group)
 
     def moe(self, mw: MoEWeights, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.k.moe_route(x, mw.router, mw.bias, self.router)  # [T, k] each
-        out = self.k.moe_experts(x, weights, ids, mw.experts)  # this rank's experts only
-        if mw.shared is not None:  # the shared expert is split over the same ep ranks: one all_reduce for both
-            out = out + self.k.dense_mlp(x, mw.shared.gate, mw.shared.up, mw.shared.down)
-        return self.k.all_reduce(out, self.par.ep_group)
+        return self.k.all_reduce(self.k.moe_block(x, mw, self.router), self.par.ep_group)
 
     def agree(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rank 0's sampled tokens on every rank (a broadcast as a sum), so all ranks feed the same stream."""

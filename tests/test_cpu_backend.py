@@ -291,23 +291,27 @@ def test_decode_equals_prefill_and_batch_equals_single(dtype):
     assert k.capabilities.dtypes[0] == "int8"
 
 
-def test_mla_block_in_one_call_is_the_op_by_op_path():
-    """Decode, verify and MTP steps of several sequences run each MLA block as one C call: the same outputs and
-    cache, bit for bit, as composing the backend's own ops (the reference Kernels.mla_block over them). (At int4
-    the default model's q_b and o do not tile, so there it composes; conformance's mla_block cases tile at int4.)"""
+@pytest.mark.parametrize("op,dtype", [("mla_block", "int8"), ("moe_block", "int8"), ("moe_block", "int4")])
+def test_block_in_one_call_is_the_op_by_op_path(op, dtype):
+    """Decode, verify and MTP steps of several sequences run each MLA / MoE block as one C call: the same outputs
+    and cache, bit for bit, as composing the backend's own ops (the reference Kernels.mla_block / moe_block over
+    them). (At int4 the default model's q_b and o do not tile, so its MLA blocks compose; conformance's mla_block
+    cases tile at int4.)"""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")
-    from dsv3_rt.backends.cpu import attention
+    if dtype == "int4" and not native.has_int4():
+        pytest.skip("no AVX-512 VNNI: the 4-bit kernel is not built")
+    from dsv3_rt.backends.cpu import attention, moe
     from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
 
-    model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype="int8", progress=False)
+    model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype=dtype, progress=False)
     g, k = model.graph, model.kernels
     steps = [([0], [0], [10]), ([1], [0], [6]), ([0, 1], [10, 6], [1, 1]), ([0, 1, 2], [11, 7, 0], [2, 1, 1])]
     ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
     runs = []
     for fused in (True, False):
         if not fused:  # the composite over this backend's ops
-            k.mla_block = lambda *a, **kw: Kernels.mla_block(k, *a, **kw)
+            setattr(k, op, lambda *a, _composite=getattr(Kernels, op), **kw: _composite(k, *a, **kw))
         cache, off, outs = g.new_cache(3, 32), 0, []
         for slots, starts, lengths in steps:
             batch = AttnBatch.build(slots, starts, lengths)
@@ -315,14 +319,19 @@ def test_mla_block_in_one_call_is_the_op_by_op_path():
             outs.extend(g.mtp(0, outs[-1], ids[off + 1:off + 1 + sum(lengths)], batch, cache))  # last_only: T > B
             off += sum(lengths)
         runs.append((outs, [b._base.clone() for b in cache.kv]))
-        k.__dict__.pop("mla_block", None)
+        k.__dict__.pop(op, None)
     for got, want in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
         assert torch.equal(got, want)
-    layer = g.w.layers[0].attn
     x = torch.randn(2, model.config.hidden_size)
-    decode, prompt = AttnBatch.build([0, 1], [12, 8], [1, 1]), AttnBatch.build([2], [0], [2])
-    assert attention.mla_block(x, layer, g.mla, g.new_cache(3, 32), 0, decode) is not None  # the C call ran
-    assert attention.mla_block(x, layer, g.mla, g.new_cache(3, 32), 0, prompt) is None  # a fresh prompt composes
+    if op == "mla_block":
+        layer = g.w.layers[0].attn
+        decode, prompt = AttnBatch.build([0, 1], [12, 8], [1, 1]), AttnBatch.build([2], [0], [2])
+        assert attention.mla_block(x, layer, g.mla, g.new_cache(3, 32), 0, decode) is not None  # the C call ran
+        assert attention.mla_block(x, layer, g.mla, g.new_cache(3, 32), 0, prompt) is None  # a fresh prompt composes
+    else:
+        ffn = g.w.layers[1].ffn
+        assert moe.moe_block(x, ffn, g.router) is not None  # the C call ran
+        assert moe.moe_block(torch.randn(16, x.shape[1]), ffn, g.router) is None  # 16 rows compose
 
 
 def test_quantised_model_no_further_from_fp32_than_reference_quantisation():

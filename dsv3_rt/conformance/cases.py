@@ -20,7 +20,7 @@ import torch
 
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
-from dsv3_rt.core.kernels import DTYPES, AttentionWeights, ExpertWeights, Kernels, MLASpec, RouterSpec
+from dsv3_rt.core.kernels import DTYPES, AttentionWeights, ExpertWeights, Kernels, MLASpec, MLPWeights, MoEWeights, RouterSpec
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight, dense, fp8_weight, quantize_fp8_block
 
@@ -420,6 +420,40 @@ def _mlp(t: int, strided: bool = False, d: int = 200, i: int = 300):
 
 for _v, _args in (("one_token", (1,)), ("t40", (40,)), ("noncontig", (9, True))):
     case("dense_mlp", _v, f"T={_args[0]},D=200,I=300", DTYPES)(_mlp(*_args))
+
+
+# --- a whole MoE block ----------------------------------------------------------------------------------------
+BLOCK_ROUTER = dataclasses.replace(TINY, scaling=1.0)  # V3's 2.5 would scale the routed part's rounding past O(1)
+
+
+def _moe_block(t: int, first: int, count: int, shared: bool, d: int = 128, i: int = 64, total: int = 12):
+    """Router (12 experts, top-3, 4 groups), routed experts first .. first + count - 1 of 12, and a shared
+    expert: every weight tiles for int8 and int4 (a backend may fuse the block)."""
+    def make(g, dtype):
+        a = {"x": Act(randn(g, t, d)), "router": W(dense(randn(g, total, d, scale=d**-0.5)), "router"),
+             "bias": Vec(0.1 * randn(g, total)), "first": first,
+             "gate": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
+             "up": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
+             "down": W(checkpoint_weight(g, dtype, count, d, i), "experts")}
+        if shared:
+            a.update({f"shared_{p}": W(checkpoint_weight(g, dtype, *shape), "linear")
+                      for p, shape in (("gate", (2 * i, d)), ("up", (2 * i, d)), ("down", (d, 2 * i)))})
+        return a
+
+    return make
+
+
+def _call_moe_block(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
+    shared = MLPWeights(a["shared_gate"], a["shared_up"], a["shared_down"]) if "shared_gate" in a else None
+    mw = MoEWeights(a["router"], a["bias"], ExpertWeights(a["gate"], a["up"], a["down"], a["first"]), shared)
+    return [k.moe_block(a["x"], mw, BLOCK_ROUTER)]
+
+
+CALLS["moe_block"] = _call_moe_block
+for _v, _args in (("one_token", (1, 0, 12, True)), ("verify_3", (3, 0, 12, True)), ("t40", (40, 0, 12, True)),
+                  ("no_shared", (2, 0, 12, False)), ("ep_shard_4_of_12", (5, 4, 6, True))):
+    case("moe_block", _v, f"T={_args[0]},E={_args[2]}/12,D=128,I=64" + ("" if _args[3] else ", no shared expert"),
+         DTYPES)(_moe_block(*_args))
 
 
 # --- sampling ----------------------------------------------------------------------------------------------

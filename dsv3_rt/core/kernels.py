@@ -28,11 +28,11 @@ API_VERSION = 1
 
 #: Every op of the interface, in the order a token meets them. `Capabilities.ops` names a subset of these.
 OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "mla_block", "linear", "rope", "store_latent",
-       "mla_attention", "moe_route", "moe_experts", "dense_mlp", "sampling_probs", "sample", "all_reduce", "all_gather")
+       "mla_attention", "moe_block", "moe_route", "moe_experts", "dense_mlp", "sampling_probs", "sample", "all_reduce", "all_gather")
 
 #: Ops whose reference is written in the other ops: a backend that keeps it runs its own kernels through it, which
 #: is no fallback. A backend overrides one to fuse what it composes.
-COMPOSITE_OPS = ("mla_block",)
+COMPOSITE_OPS = ("mla_block", "moe_block")
 
 #: Runtime weight formats selectable with `dtype=` at load.
 DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
@@ -93,6 +93,25 @@ class ExpertWeights:
     @property
     def count(self) -> int:
         return self.gate.shape[0]
+
+
+@dataclass
+class MLPWeights:
+    """A SwiGLU FFN: a dense layer's, or the shared experts' (this rank's slice under tp / ep)."""
+
+    gate: Weight  # [I, D]
+    up: Weight  # [I, D]
+    down: Weight  # [D, I]
+
+
+@dataclass
+class MoEWeights:
+    """One MoE layer: the router, the routed experts this rank holds, the shared expert."""
+
+    router: Weight  # [E, D], fp32
+    bias: torch.Tensor | None  # [E] fp32 e_score_correction_bias (selection only)
+    experts: ExpertWeights
+    shared: MLPWeights | None
 
 
 @dataclass
@@ -344,6 +363,17 @@ class Kernels:
             rule = kv_b.meta.get(ggml_act.KEY)
             out.append(form(*args) if rule is None else mla.ggml(*args, rule))
         return torch.cat(out).to(self.compute_dtype)
+
+    def moe_block(self, x: torch.Tensor, mw: MoEWeights, spec: RouterSpec) -> torch.Tensor:
+        """A whole MoE block before ep's all_reduce: normed hidden x [T, D] -> [T, D], this rank's part. A
+        composite of the ops below:
+          weights, ids = moe_route(x, router, bias);  out = moe_experts(x, weights, ids) + dense_mlp(x, shared)
+        """
+        weights, ids = self.moe_route(x, mw.router, mw.bias, spec)  # [T, k] each
+        out = self.moe_experts(x, weights, ids, mw.experts)  # this rank's experts only
+        if mw.shared is not None:  # the shared expert is split over the same ep ranks: one all_reduce for both
+            out = out + self.dense_mlp(x, mw.shared.gate, mw.shared.up, mw.shared.down)
+        return out
 
     def moe_route(self, x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick top_k experts per token. x [T, D] -> (weights [T, k] fp32, ids [T, k] int64).

@@ -41,7 +41,7 @@ from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
-from dsv3_rt.core.kernels import AttentionWeights, Capabilities, ExpertWeights, Kernels, LatentCache, MLASpec, RouterSpec
+from dsv3_rt.core.kernels import AttentionWeights, Capabilities, ExpertWeights, Kernels, LatentCache, MLASpec, MoEWeights, RouterSpec
 from dsv3_rt.core.weights import Weight, dense
 
 
@@ -53,7 +53,7 @@ class CpuBackend(Kernels):
         compute_dtypes=("bfloat16", "float32"),
         weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
-        ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "mla_block", "linear", "rope", "store_latent",
+        ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "mla_block", "moe_block", "linear", "rope", "store_latent",
              "mla_attention", "moe_route", "moe_experts", "dense_mlp", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
@@ -72,6 +72,8 @@ class CpuBackend(Kernels):
                                  ("int8", "prefill (32+ rows) rounds activations to int8 per row for torch's int8 GEMM "
                                           "(W8A8 with per-token scales, as SGLang's CPU backend); decode with VNNI per 64-column group, and "
                                           "decode's absorbed MLA reads kv_b's halves as int8 per row"))},
+        **{f"moe_block*:{dtype}": Tolerance(6e-2, 6e-2, "the sum of moe_experts and dense_mlp (the shared expert), "
+                                            "two independent roundings each within their 4e-2") for dtype in ("int8", "int4")},
     }
 
     @classmethod
@@ -192,6 +194,11 @@ class CpuBackend(Kernels):
         if self.dtype in ("int8", "int4"):
             fused = attention.mla_block(x, aw, spec, cache, layer, batch, last_only)
         return super().mla_block(x, aw, spec, cache, layer, batch, last_only) if fused is None else fused
+
+    def moe_block(self, x: torch.Tensor, mw: MoEWeights, spec: RouterSpec) -> torch.Tensor:
+        """A decode, verify or MTP draft step over tiled weights is one C call (`moe.moe_block`); the rest composes."""
+        fused = moe.moe_block(x, mw, spec) if self.dtype in ("int8", "int4") else None
+        return super().moe_block(x, mw, spec) if fused is None else fused
 
     def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
         return moe.moe_experts(x, weights, ids, experts)

@@ -4,19 +4,23 @@ all the tokens that chose it.
 With tiled weights (int8_tiles / int4_tiles) a dense MLP of a step with few tokens (a decode step, an MTP
 verification), and the routed experts of a step with few tokens per expert (those, and prefill chunks up to about
 32 tokens per expert), are one call into the C kernels (`native/mlp.c`): no interpreter time per expert.
+A decode step's whole MoE block (router, routed experts, shared expert) is one C call (`native/moe_block.c`).
 Otherwise tokens are grouped by expert with one stable sort and one bincount (no loop over the experts a layer
 has, no per-expert mask), or in Python for a few tokens, which costs less than those kernels. Results accumulate
 in fp32.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
-from dsv3_rt.backends.cpu import native
+from dsv3_rt.backends.cpu import native, small_ops
 from dsv3_rt.backends.cpu.formats import TILED_BITS
 from dsv3_rt.backends.cpu.matmul import TILES_WIDEN_ROWS, matmul
-from dsv3_rt.core.kernels import ExpertWeights
+from dsv3_rt.core import ggml_act
+from dsv3_rt.core.kernels import ExpertWeights, MoEWeights, RouterSpec
 from dsv3_rt.core.weights import Weight
 
 FEW_SELECTIONS = 16  # up to this many (token, expert) pairs take the Python-grouped path (untiled weights)
@@ -106,3 +110,57 @@ def _native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: 
                                       xf.shape[1], experts.gate.shape[-2], *_pointers(experts.gate, experts.up, experts.down),
                                       out.data_ptr())
     return out.to(x.dtype)
+
+
+# --- the whole block in one call ----------------------------------------------------------------------------
+class _BlockArgs(ctypes.Structure):  # native/moe_block.c's moe_args
+    _fields_ = [("bits", ctypes.c_int), ("router", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                *[(f, ctypes.c_long) for f in ("e", "d", "top_k", "n_group", "topk_group")],
+                *[(f, ctypes.c_int) for f in ("scoring", "group_score", "normalize")], ("scaling", ctypes.c_float),
+                *[(f, ctypes.c_long) for f in ("first", "count", "inter")],
+                *[(f, ctypes.c_void_p) for f in ("gate", "gate_scale", "up", "up_scale", "down", "down_scale")],
+                ("shared_inter", ctypes.c_long),
+                *[(f"shared_{f}", ctypes.c_void_p) for f in ("gate", "gate_scale", "up", "up_scale", "down", "down_scale")]]
+
+
+_BLOCK_KEY = "cpu.moe_block"  # experts.extra key of (spec, the layer's _BlockArgs or None)
+
+
+def _block_args(mw: MoEWeights, spec: RouterSpec) -> _BlockArgs | None:
+    """The C call's weights and shapes for one layer, made once per spec; None where the block does not run in
+    one call (a router the C router does not take, weights that are not all tiled in one format)."""
+    got = mw.experts.extra.get(_BLOCK_KEY)
+    if got is not None and got[0] == spec:
+        return got[1]
+    ex, sh = mw.experts, mw.shared
+    bits = _tiled_bits(ex.gate, ex.up, ex.down, *([] if sh is None else [sh.gate, sh.up, sh.down]))
+    router, bias = mw.router, mw.bias
+    args = None
+    if (bits is not None and native.library() is not None and router.format == "f32"
+            and router.data.dtype == torch.float32 and router.data.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and not any(ggml_act.KEY in w.meta for w in (router, ex.gate, *([] if sh is None else [sh.gate])))):
+        e, d = router.shape
+        shared = [0, *[None] * 6] if sh is None else [sh.gate.shape[-2], *_pointers(sh.gate, sh.up, sh.down)]
+        args = _BlockArgs(bits, router.data.data_ptr(), None if bias is None else bias.data_ptr(), e, d, spec.top_k,
+                          spec.n_group, spec.topk_group, small_ops.SCORING[spec.scoring],
+                          small_ops.GROUP_SCORE[spec.group_score], int(spec.normalize), spec.scaling, ex.first,
+                          ex.count, ex.gate.shape[-2], *_pointers(ex.gate, ex.up, ex.down), *shared)
+    mw.experts.extra[_BLOCK_KEY] = (spec, args)
+    return args
+
+
+def moe_block(x: torch.Tensor, mw: MoEWeights, spec: RouterSpec) -> torch.Tensor | None:
+    """Kernels.moe_block for a step of few tokens (decode, MTP verification and drafting) over tiled weights: one C
+    call, bit-identical to this backend's op-by-op path. None where any of its three ops would leave C."""
+    t = x.shape[0]
+    if (x.dtype != torch.float32 or t >= C_MLP_ROWS or t > small_ops.ROUTE_TOKENS
+            or t * spec.top_k > TILES_WIDEN_ROWS * mw.experts.count):
+        return None
+    args = _block_args(mw, spec)
+    if args is None:
+        return None
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    native.library().dsv3_moe_block(ctypes.byref(args), xc.data_ptr(), t, out.data_ptr())
+    return out

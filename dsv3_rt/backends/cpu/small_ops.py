@@ -14,8 +14,8 @@ from dsv3_rt.core.weights import Weight
 #: up to this many tokens route in C (its top-k is a few passes over the experts per pick: fine for a decode
 #: step, not for a 1024-token prompt over 256 experts)
 ROUTE_TOKENS = 16
-_SCORING = {"sigmoid": 0, "softmax": 1}
-_GROUP_SCORE = {"top2_sum": 0, "max": 1, "none": 2}
+SCORING = {"sigmoid": 0, "softmax": 1}
+GROUP_SCORE = {"top2_sum": 0, "max": 1, "none": 2}
 
 
 def _fp32(*ts: torch.Tensor) -> bool:
@@ -59,7 +59,7 @@ def moe_route(x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: Ro
     weights = torch.empty(t, spec.top_k, dtype=torch.float32)
     ids = torch.empty(t, spec.top_k, dtype=torch.int64)
     native.library().dsv3_moe_route(xc.data_ptr(), g.data_ptr(), None if b is None else b.data_ptr(), t, d, e, spec.top_k,
-                                    spec.n_group, spec.topk_group, _SCORING[spec.scoring], _GROUP_SCORE[spec.group_score],
+                                    spec.n_group, spec.topk_group, SCORING[spec.scoring], GROUP_SCORE[spec.group_score],
                                     int(spec.normalize), spec.scaling, weights.data_ptr(), ids.data_ptr())
     return weights, ids
 

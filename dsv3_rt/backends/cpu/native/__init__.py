@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("int8_tiles.c", "int4_tiles.c", "mlp.c", "ops.c", "mla_block.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("int8_tiles.c", "int4_tiles.c", "mlp.c", "ops.c", "mla_block.c", "moe_block.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _reason: str | None = None
@@ -94,9 +94,10 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_mla_absorbed.argtypes = [vp] * 8 + [long] * 7 + [f32]
     lib.dsv3_rope.argtypes = [vp, vp, vp, f32, vp, long, long, long]
     lib.dsv3_mla_block.argtypes = [vp, vp, vp, long, vp, long, ctypes.c_int, vp]
+    lib.dsv3_moe_block.argtypes = [vp, vp, long, vp]
     lib.dsv3_embedding_int8.argtypes = [vp, vp, vp, vp, long, long]
     for fn in (lib.dsv3_rms_norm, lib.dsv3_add_rms_norm, lib.dsv3_moe_route, lib.dsv3_mla_absorbed, lib.dsv3_rope,
-               lib.dsv3_embedding_int8, lib.dsv3_mla_block):
+               lib.dsv3_embedding_int8, lib.dsv3_mla_block, lib.dsv3_moe_block):
         fn.restype = None
     return lib
 
