@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3_rt.core.batch import AttnBatch, take_rows
+from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.kernels import AttentionWeights, Kernels, LatentCache, MLASpec, MLPWeights, MoEWeights, RouterSpec
 from dsv3_rt.core.parallel import SINGLE, Parallel
@@ -118,28 +118,16 @@ class DeepseekV3:
                       batch: AttnBatch, cache: LatentCache, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block; returns (block output, residual stream before it): their sum is the new stream.
         last_only: every token enters the cache, the outputs are those of each sequence's last token [B, D]."""
-        eps = self.cfg.rms_norm_eps
-        if residual is None:
-            x, residual = self.k.rms_norm(h, lw.attn_norm, eps), h
-        else:
-            x, residual = self.k.add_rms_norm(h, residual, lw.attn_norm, eps)
-        h = self.attention(lw.attn, x, index, batch, cache, last_only)
-        if last_only:
-            residual = take_rows(residual, batch.last_token_rows)
-        x, residual = self.k.add_rms_norm(h, residual, lw.ffn_norm, eps)
-        h = self.moe(lw.ffn, x) if isinstance(lw.ffn, MoEWeights) else self.mlp(lw.ffn, x)
-        return h, residual
-
-    def attention(self, aw: AttentionWeights, x: torch.Tensor, layer: int, batch: AttnBatch, cache: LatentCache,
-                  last_only: bool = False) -> torch.Tensor:
-        """[T, D] -> [T, D] (last_only: [B, D], the last token of each sequence; the others only enter the cache)."""
-        return self.k.all_reduce(self.k.mla_block(x, aw, self.mla, cache, layer, batch, last_only), self.par.tp_group)
+        out, residual = self.k.mla_block(h, residual, lw.attn_norm, lw.attn, self.mla, cache, index, batch, last_only)
+        h = self.k.all_reduce(out, self.par.tp_group)
+        if isinstance(lw.ffn, MoEWeights):
+            out, residual = self.k.moe_block(h, residual, lw.ffn_norm, self.cfg.rms_norm_eps, lw.ffn, self.router)
+            return self.k.all_reduce(out, self.par.ep_group), residual
+        x, residual = self.k.add_rms_norm(h, residual, lw.ffn_norm, self.cfg.rms_norm_eps)
+        return self.mlp(lw.ffn, x), residual
 
     def mlp(self, mw: MLPWeights, x: torch.Tensor) -> torch.Tensor:
         return self.k.all_reduce(self.k.dense_mlp(x, mw.gate, mw.up, mw.down), self.par.tp_group)
-
-    def moe(self, mw: MoEWeights, x: torch.Tensor) -> torch.Tensor:
-        return self.k.all_reduce(self.k.moe_block(x, mw, self.router), self.par.ep_group)
 
     def agree(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rank 0's sampled tokens on every rank (a broadcast as a sum), so all ranks feed the same stream."""

@@ -322,16 +322,17 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype):
         k.__dict__.pop(op, None)
     for got, want in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
         assert torch.equal(got, want)
-    x = torch.randn(2, model.config.hidden_size)
+    h, residual = torch.randn(2, model.config.hidden_size), torch.randn(2, model.config.hidden_size)
+    lw, eps = g.w.layers[1], model.config.rms_norm_eps
     if op == "mla_block":
-        layer = g.w.layers[0].attn
         decode, prompt = AttnBatch.build([0, 1], [12, 8], [1, 1]), AttnBatch.build([2], [0], [2])
-        assert attention.mla_block(x, layer, g.mla, g.new_cache(3, 32), 0, decode) is not None  # the C call ran
-        assert attention.mla_block(x, layer, g.mla, g.new_cache(3, 32), 0, prompt) is None  # a fresh prompt composes
+        for batch, runs_in_c in ((decode, True), (prompt, False)):  # a fresh prompt composes
+            got = attention.mla_block(h, residual, lw.attn_norm, lw.attn, g.mla, g.new_cache(3, 32), 1, batch)
+            assert (got is not None) == runs_in_c
     else:
-        ffn = g.w.layers[1].ffn
-        assert moe.moe_block(x, ffn, g.router) is not None  # the C call ran
-        assert moe.moe_block(torch.randn(16, x.shape[1]), ffn, g.router) is None  # 16 rows compose
+        assert moe.moe_block(h, residual, lw.ffn_norm, eps, lw.ffn, g.router) is not None  # the C call ran
+        many = torch.randn(16, h.shape[1])
+        assert moe.moe_block(many, many, lw.ffn_norm, eps, lw.ffn, g.router) is None  # 16 rows compose
 
 
 def test_quantised_model_no_further_from_fp32_than_reference_quantisation():

@@ -340,8 +340,11 @@ def _mla_block(steps: list[tuple[list[int], list[int], list[int]]], q_lora: int 
             a["q_a"] = W(checkpoint_weight(g, dtype, q_lora, d), "linear")
             a["q_a_norm"] = Vec(1 + 0.1 * randn(g, q_lora))
             a["q_b"] = W(checkpoint_weight(g, dtype, h * (dn + dr), q_lora), "linear")
-        for i, (_, _, lengths) in enumerate(steps):
-            a[f"x{i}"] = Act(randn(g, sum(lengths), d))
+        a["norm"] = Vec(1 + 0.1 * randn(g, d))
+        for i, (_, _, lengths) in enumerate(steps):  # the residual stream, unsummed; a first layer's has no residual
+            a[f"h{i}"] = Act(randn(g, sum(lengths), d))
+            if i:
+                a[f"residual{i}"] = Act(randn(g, sum(lengths), d))
         return a
 
     return make
@@ -352,8 +355,9 @@ def _call_mla_block(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
     aw = AttentionWeights(a["kv_a"], a["kv_a_norm"], a["kv_b"], a["o"], a.get("q"), a.get("q_a"), a.get("q_a_norm"), a.get("q_b"))
     spec = MLASpec(h, dn, dr, r, dv, 1e-6, (dn + dr) ** -0.5, a["inv_freq"], 1.0)
     cache = k.new_latent_cache(2, 4, 64, r, dr)
-    return [k.mla_block(a[f"x{i}"], aw, spec, cache, 1, AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device))
-            for i, b in enumerate(a["batches"])]
+    return [t for i, b in enumerate(a["batches"])
+            for t in k.mla_block(a[f"h{i}"], a.get(f"residual{i}"), a["norm"], aw, spec, cache, 1,
+                                 AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device))]
 
 
 CALLS["mla_block"] = _call_mla_block
@@ -430,7 +434,7 @@ def _moe_block(t: int, first: int, count: int, shared: bool, d: int = 128, i: in
     """Router (12 experts, top-3, 4 groups), routed experts first .. first + count - 1 of 12, and a shared
     expert: every weight tiles for int8 and int4 (a backend may fuse the block)."""
     def make(g, dtype):
-        a = {"x": Act(randn(g, t, d)), "router": W(dense(randn(g, total, d, scale=d**-0.5)), "router"),
+        a = {"h": Act(randn(g, t, d)), "residual": Act(randn(g, t, d)), "norm": Vec(1 + 0.1 * randn(g, d)), "router": W(dense(randn(g, total, d, scale=d**-0.5)), "router"),
              "bias": Vec(0.1 * randn(g, total)), "first": first,
              "gate": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
              "up": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
@@ -446,7 +450,7 @@ def _moe_block(t: int, first: int, count: int, shared: bool, d: int = 128, i: in
 def _call_moe_block(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
     shared = MLPWeights(a["shared_gate"], a["shared_up"], a["shared_down"]) if "shared_gate" in a else None
     mw = MoEWeights(a["router"], a["bias"], ExpertWeights(a["gate"], a["up"], a["down"], a["first"]), shared)
-    return [k.moe_block(a["x"], mw, BLOCK_ROUTER)]
+    return list(k.moe_block(a["h"], a["residual"], a["norm"], 1e-6, mw, BLOCK_ROUTER))
 
 
 CALLS["moe_block"] = _call_moe_block

@@ -285,14 +285,18 @@ class Kernels:
         s = x + residual
         return self.rms_norm(s, weight, eps), s
 
-    def mla_block(self, x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int,
-                  batch: AttnBatch, last_only: bool = False) -> torch.Tensor:
-        """A whole MLA block before tp's all_reduce: normed hidden x [T, D] -> [T, D] (last_only: [B, D], each
-        sequence's last token; the others only enter the cache). A composite of the ops below:
+    def mla_block(self, h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, aw: AttentionWeights,
+                  spec: MLASpec, cache: LatentCache, layer: int, batch: AttnBatch,
+                  last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole pre-norm MLA block before tp's all_reduce. h [T, D] and residual (None in a first layer) are the
+        residual stream unsummed; returns (block output, residual stream before it), [T, D] each (last_only: [B, D],
+        each sequence's last token; the others only enter the cache). A composite of the ops below:
+          x, residual = add_rms_norm(h, residual, norm)  (rms_norm(h), h without a residual)
           kv = linear(x, kv_a);  latent = rms_norm(kv[:, :r], kv_a_norm);  k_pe = rope(kv[:, r:])
           q = linear(rms_norm(linear(x, q_a), q_a_norm), q_b)  (or linear(x, q)), as [T, H, dn + dr], its last dr roped
           out = linear(mla_attention(q[..., :dn], q[..., dn:], latent, k_pe, kv_b, ...).flatten(1), o)
         """
+        x, residual = self._pre_norm(h, residual, norm, spec.eps)
         dn, r = spec.dn, spec.r
         kv = self.linear(x, aw.kv_a)  # [T, r + dr]
         latent = self.rms_norm(kv[:, :r].contiguous(), aw.kv_a_norm, spec.eps)  # [T, r]
@@ -300,7 +304,8 @@ class Kernels:
         if last_only and batch.num_tokens > len(batch.slots):
             self.store_latent(latent, k_pe, cache, layer, batch)
             rows = batch.last_token_rows  # their latents are written again below, with their queries
-            x, latent, k_pe, batch = take_rows(x, rows), take_rows(latent, rows), take_rows(k_pe, rows), batch.last_tokens()
+            x, latent, k_pe, residual = take_rows(x, rows), take_rows(latent, rows), take_rows(k_pe, rows), take_rows(residual, rows)
+            batch = batch.last_tokens()
         if aw.q is not None:
             q = self.linear(x, aw.q)
         else:
@@ -308,7 +313,12 @@ class Kernels:
         q = q.view(x.shape[0], spec.heads, dn + spec.dr)  # [T, H, dn + dr]
         q_pe = self.rope(q[..., dn:], batch.positions, spec.inv_freq, spec.rope_factor)
         o = self.mla_attention(q[..., :dn], q_pe, latent, k_pe, aw.kv_b, cache, layer, batch, spec.softmax_scale)
-        return self.linear(o.flatten(1), aw.o)  # [T, D]
+        return self.linear(o.flatten(1), aw.o), residual  # [T, D]
+
+    def _pre_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's input and the residual stream before it, from the unsummed stream (h, residual)."""
+        return (self.rms_norm(h, norm, eps), h) if residual is None else self.add_rms_norm(h, residual, norm, eps)
 
     def linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         """x [T, K] -> x @ W.T as [T, N], W the dequantised [N, K] weight; fp32 accumulation. A weight
@@ -364,16 +374,19 @@ class Kernels:
             out.append(form(*args) if rule is None else mla.ggml(*args, rule))
         return torch.cat(out).to(self.compute_dtype)
 
-    def moe_block(self, x: torch.Tensor, mw: MoEWeights, spec: RouterSpec) -> torch.Tensor:
-        """A whole MoE block before ep's all_reduce: normed hidden x [T, D] -> [T, D], this rank's part. A
-        composite of the ops below:
+    def moe_block(self, h: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, eps: float, mw: MoEWeights,
+                  spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole pre-norm MoE block before ep's all_reduce: (h, residual) [T, D] the unsummed residual stream ->
+        (this rank's part of the block output, residual stream before it), [T, D] each. A composite of the ops below:
+          x, residual = add_rms_norm(h, residual, norm)
           weights, ids = moe_route(x, router, bias);  out = moe_experts(x, weights, ids) + dense_mlp(x, shared)
         """
+        x, residual = self.add_rms_norm(h, residual, norm, eps)
         weights, ids = self.moe_route(x, mw.router, mw.bias, spec)  # [T, k] each
         out = self.moe_experts(x, weights, ids, mw.experts)  # this rank's experts only
         if mw.shared is not None:  # the shared expert is split over the same ep ranks: one all_reduce for both
             out = out + self.dense_mlp(x, mw.shared.gate, mw.shared.up, mw.shared.down)
-        return out
+        return out, residual
 
     def moe_route(self, x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick top_k experts per token. x [T, D] -> (weights [T, k] fp32, ids [T, k] int64).

@@ -20,7 +20,7 @@ from dsv3_rt.backends.cpu import native, small_ops
 from dsv3_rt.backends.cpu.formats import TILED_BITS
 from dsv3_rt.backends.cpu.matmul import TILES_WIDEN_ROWS
 from dsv3_rt.core import ggml_act
-from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.kernels import AttentionWeights, LatentCache, MLASpec
 from dsv3_rt.core.weights import Weight
 
@@ -191,13 +191,14 @@ def _block_args(aw: AttentionWeights, spec: MLASpec) -> _BlockArgs | None:
     return args
 
 
-def mla_block(x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int,
-              batch: AttnBatch, last_only: bool = False) -> torch.Tensor | None:
+def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, aw: AttentionWeights,
+              spec: MLASpec, cache: LatentCache, layer: int, batch: AttnBatch,
+              last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Kernels.mla_block for a step whose sequences all sit on a cached prefix (decode, MTP verification) or add
     one token, or (last_only) an MTP module's step, over tiled weights and a fused fp32 cache: one C call
-    (`native/mla_block.c`), bit-identical to this backend's op-by-op path. None otherwise (a fresh prompt takes
-    the naive form, many rows the W8A8 GEMM)."""
-    if x.dtype != torch.float32 or x.shape[0] >= TILES_WIDEN_ROWS:
+    (`native/mla_block.c`, its pre-norm included), bit-identical to this backend's op-by-op path. None otherwise (a
+    fresh prompt takes the naive form, many rows the W8A8 GEMM)."""
+    if not small_ops.all_fp32(h, norm, *(() if residual is None else (residual,))) or h.shape[0] >= TILES_WIDEN_ROWS:
         return None
     spans = batch.spans()
     if not last_only and any(start == 0 and n > 1 for _, start, _, n in spans):
@@ -209,9 +210,12 @@ def mla_block(x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: Laten
     if args is None:
         return None
     args.cache, args.max_len = base.data_ptr(), base.shape[1]
-    xc, pos = x.contiguous(), batch.positions.contiguous()
+    hc, pos, w = h.contiguous(), batch.positions.contiguous(), norm.contiguous()
+    rc = None if residual is None else residual.contiguous()
+    stream = hc if rc is None else torch.empty_like(hc)  # h + residual, written by the call
     table = torch.tensor(spans, dtype=torch.long)
-    out = torch.empty(len(spans) if last_only else x.shape[0], aw.o.shape[0], dtype=torch.float32)
-    native.library().dsv3_mla_block(ctypes.byref(args), xc.data_ptr(), pos.data_ptr(), x.shape[0], table.data_ptr(),
-                                    len(spans), int(last_only), out.data_ptr())
-    return out
+    out = torch.empty(len(spans) if last_only else h.shape[0], aw.o.shape[0], dtype=torch.float32)
+    native.library().dsv3_mla_block(ctypes.byref(args), hc.data_ptr(), None if rc is None else rc.data_ptr(), w.data_ptr(),
+                                    stream.data_ptr(), pos.data_ptr(), h.shape[0], table.data_ptr(), len(spans),
+                                    int(last_only), out.data_ptr())
+    return out, (take_rows(stream, batch.last_token_rows) if last_only else stream)

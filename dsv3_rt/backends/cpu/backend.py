@@ -187,18 +187,25 @@ class CpuBackend(Kernels):
         return attention.mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale,
                                        int8_absorbed=self.dtype in ("int8", "int4"))
 
-    def mla_block(self, x: torch.Tensor, aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int,
-                  batch: AttnBatch, last_only: bool = False) -> torch.Tensor:
+    def mla_block(self, h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, aw: AttentionWeights,
+                  spec: MLASpec, cache: LatentCache, layer: int, batch: AttnBatch,
+                  last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode, verify or MTP draft step over tiled weights is one C call (`attention.mla_block`); the rest composes."""
         fused = None
-        if self.dtype in ("int8", "int4"):
-            fused = attention.mla_block(x, aw, spec, cache, layer, batch, last_only)
-        return super().mla_block(x, aw, spec, cache, layer, batch, last_only) if fused is None else fused
+        if self._fuses_blocks:
+            fused = attention.mla_block(h, residual, norm, aw, spec, cache, layer, batch, last_only)
+        return super().mla_block(h, residual, norm, aw, spec, cache, layer, batch, last_only) if fused is None else fused
 
-    def moe_block(self, x: torch.Tensor, mw: MoEWeights, spec: RouterSpec) -> torch.Tensor:
+    def moe_block(self, h: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, eps: float, mw: MoEWeights,
+                  spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode, verify or MTP draft step over tiled weights is one C call (`moe.moe_block`); the rest composes."""
-        fused = moe.moe_block(x, mw, spec) if self.dtype in ("int8", "int4") else None
-        return super().moe_block(x, mw, spec) if fused is None else fused
+        fused = moe.moe_block(h, residual, norm, eps, mw, spec) if self._fuses_blocks else None
+        return super().moe_block(h, residual, norm, eps, mw, spec) if fused is None else fused
+
+    @property
+    def _fuses_blocks(self) -> bool:
+        """The one-call blocks run the tiled formats' C kernels, and the C norms (not ggml's rounding)."""
+        return self.dtype in ("int8", "int4") and self.activations != "ggml-cpu"
 
     def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
         return moe.moe_experts(x, weights, ids, experts)

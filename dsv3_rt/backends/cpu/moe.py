@@ -150,17 +150,20 @@ def _block_args(mw: MoEWeights, spec: RouterSpec) -> _BlockArgs | None:
     return args
 
 
-def moe_block(x: torch.Tensor, mw: MoEWeights, spec: RouterSpec) -> torch.Tensor | None:
+def moe_block(h: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, eps: float, mw: MoEWeights,
+              spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Kernels.moe_block for a step of few tokens (decode, MTP verification and drafting) over tiled weights: one C
-    call, bit-identical to this backend's op-by-op path. None where any of its three ops would leave C."""
-    t = x.shape[0]
-    if (x.dtype != torch.float32 or t >= C_MLP_ROWS or t > small_ops.ROUTE_TOKENS
-            or t * spec.top_k > TILES_WIDEN_ROWS * mw.experts.count):
+    call (its pre-norm included), bit-identical to this backend's op-by-op path. None where any of its ops would
+    leave C."""
+    t = h.shape[0]
+    if (not small_ops.all_fp32(h, residual, norm) or h.shape != residual.shape or t >= C_MLP_ROWS
+            or t > small_ops.ROUTE_TOKENS or t * spec.top_k > TILES_WIDEN_ROWS * mw.experts.count):
         return None
     args = _block_args(mw, spec)
     if args is None:
         return None
-    xc = x.contiguous()
-    out = torch.empty_like(xc)
-    native.library().dsv3_moe_block(ctypes.byref(args), xc.data_ptr(), t, out.data_ptr())
-    return out
+    hc, rc, w = h.contiguous(), residual.contiguous(), norm.contiguous()
+    out, stream = torch.empty_like(hc), torch.empty_like(hc)
+    native.library().dsv3_moe_block(ctypes.byref(args), hc.data_ptr(), rc.data_ptr(), w.data_ptr(), eps,
+                                    stream.data_ptr(), t, out.data_ptr())
+    return out, stream

@@ -18,7 +18,8 @@ SCORING = {"sigmoid": 0, "softmax": 1}
 GROUP_SCORE = {"top2_sum": 0, "max": 1, "none": 2}
 
 
-def _fp32(*ts: torch.Tensor) -> bool:
+def all_fp32(*ts: torch.Tensor) -> bool:
+    """The C kernels are there and every tensor is fp32."""
     if native.library() is None:
         return False
     for t in ts:
@@ -29,7 +30,7 @@ def _fp32(*ts: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """x / sqrt(mean(x^2, last dim) + eps) * weight, in fp32."""
-    if not _fp32(x, weight):
+    if not all_fp32(x, weight):
         return None
     xc, w = x.contiguous(), weight.contiguous()
     y = torch.empty_like(xc)
@@ -39,7 +40,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rms_norm(x + residual), x + residual), in fp32."""
-    if not _fp32(x, residual, weight) or x.shape != residual.shape:
+    if not all_fp32(x, residual, weight) or x.shape != residual.shape:
         return None
     xc, rc, w = x.contiguous(), residual.contiguous(), weight.contiguous()
     y, s = torch.empty_like(xc), torch.empty_like(xc)
@@ -50,7 +51,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def moe_route(x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Kernels.moe_route's (weights [T, k] fp32, ids [T, k] int64) for up to ROUTE_TOKENS tokens and an f32 gate."""
-    if (gate.format != "f32" or not _fp32(x, gate.data) or x.shape[0] > ROUTE_TOKENS
+    if (gate.format != "f32" or not all_fp32(x, gate.data) or x.shape[0] > ROUTE_TOKENS
             or (bias is not None and bias.dtype != torch.float32)):
         return None
     xc, g = x.contiguous(), gate.data.contiguous()
@@ -67,7 +68,7 @@ def moe_route(x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: Ro
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> torch.Tensor | None:
     """Kernels.rope for x [T, .., d] fp32: cos and sin come from the positions inside the call, so a decode
     step's rope is one call with no per-forward rotation table to build (an MTP draft's batch is new each time)."""
-    if not _fp32(x, inv_freq) or positions.dtype != torch.int64:
+    if not all_fp32(x, inv_freq) or positions.dtype != torch.int64:
         return None
     xc, pos = x.contiguous(), positions.contiguous()
     y = torch.empty_like(xc)
@@ -93,9 +94,9 @@ def mla_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w
                  uv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """[n, H, dv]: the n tokens at positions start .. start + n - 1 of one sequence over its cached keys
     [start + n, r + dr] (see dsv3_mla_absorbed); w_uk / w_uv_t fp32, or int8 with per-row fp32 scales."""
-    if not _fp32(q_nope, q_pe, keys):
+    if not all_fp32(q_nope, q_pe, keys):
         return None
-    if uk_scale is None and not _fp32(w_uk, w_uv_t):
+    if uk_scale is None and not all_fp32(w_uk, w_uv_t):
         return None
     qn, qp, k = q_nope.contiguous(), q_pe.contiguous(), keys.contiguous()
     n, heads, dn = qn.shape

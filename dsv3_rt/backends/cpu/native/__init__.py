@@ -93,8 +93,8 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_moe_route.argtypes = [vp, vp, vp] + [long] * 6 + [ctypes.c_int] * 3 + [f32, vp, vp]
     lib.dsv3_mla_absorbed.argtypes = [vp] * 8 + [long] * 7 + [f32]
     lib.dsv3_rope.argtypes = [vp, vp, vp, f32, vp, long, long, long]
-    lib.dsv3_mla_block.argtypes = [vp, vp, vp, long, vp, long, ctypes.c_int, vp]
-    lib.dsv3_moe_block.argtypes = [vp, vp, long, vp]
+    lib.dsv3_mla_block.argtypes = [vp, vp, vp, vp, vp, vp, long, vp, long, ctypes.c_int, vp]
+    lib.dsv3_moe_block.argtypes = [vp, vp, vp, vp, f32, vp, long, vp]
     lib.dsv3_embedding_int8.argtypes = [vp, vp, vp, vp, long, long]
     for fn in (lib.dsv3_rms_norm, lib.dsv3_add_rms_norm, lib.dsv3_moe_route, lib.dsv3_mla_absorbed, lib.dsv3_rope,
                lib.dsv3_embedding_int8, lib.dsv3_mla_block, lib.dsv3_moe_block):

@@ -1,5 +1,5 @@
-/* One MLA block of a decode step (or an MTP verification, or a chunk on a cached prefix) in one call:
- *   kv = x @ kv_a.T;  latent = rms_norm(kv[:r]), k_pe = rope(kv[r:]) -> the fused latent cache;
+/* One pre-norm MLA block of a decode step (or an MTP verification, or a chunk on a cached prefix) in one call:
+ *   x = rms_norm(h + residual) (rms_norm(h) without a residual);  kv = x @ kv_a.T;  latent = rms_norm(kv[:r]), k_pe = rope(kv[r:]) -> the fused latent cache;
  *   q = rms_norm(x @ q_a.T) @ q_b.T (or x @ q.T);  q_pe roped;  absorbed attention per sequence;  out = o_heads @ o.T
  * with the same C kernels, in the same order, as the op-by-op path (bit-identical to it). Its value is what it
  * leaves out: between a decode step's big weight streams the interpreter's own code and data fall out of the
@@ -14,6 +14,8 @@ void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *s
 void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long *ms, long k, const void *const *data,
                         const void *const *scale, const long *ns, float *const *ys);
 void dsv3_rms_norm(const float *x, const float *w, float *y, long m, long d, float eps);
+void dsv3_add_rms_norm(const float *x, const float *residual, const float *w, float *y, float *sum, long m, long d,
+                       float eps);
 void dsv3_rope(const float *x, const int64_t *positions, const float *inv_freq, float factor, float *y, long t,
                long rows_per_token, long d);
 void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const void *w_uk, const float *uk_scale,
@@ -43,12 +45,18 @@ static void project(const tiled *w, const float *x, float *y, long m) {
     dsv3_tiles_matmul(w->bits, x, w->data, w->scale, y, m, w->n, w->k);
 }
 
-/* x [t, D] -> out [t, o.n] (last_only: [count, o.n], each sequence's last token; every token enters the cache);
- * positions [t]; spans [count][4] = (slot, start, row offset, length) per sequence. */
-void dsv3_mla_block(const block_args *a, const float *x, const int64_t *positions, long t, const long *spans,
-                    long count, int last_only, float *out) {
+/* The residual stream h [t, D] and residual (NULL in a first layer) -> out [t, o.n] (last_only: [count, o.n], each
+ * sequence's last token; every token enters the cache) and stream = h + residual [t, D] (untouched without a
+ * residual); norm [D] the block's pre-norm; positions [t]; spans [count][4] = (slot, start, row offset, length). */
+void dsv3_mla_block(const block_args *a, const float *h, const float *residual, const float *norm, float *stream,
+                    const int64_t *positions, long t, const long *spans, long count, int last_only, float *out) {
     const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, width = r + dr, qw = dn + dr, d = a->kv_a.k;
     const long m = last_only ? count : t, lora = a->q_a.data ? a->q_a.n : 0;
+    float *x = malloc(t * d * sizeof(float));
+    if (residual)
+        dsv3_add_rms_norm(h, residual, norm, x, stream, t, d, a->eps);
+    else
+        dsv3_rms_norm(h, norm, x, t, d, a->eps);
     /* the rows that go on past the cache (xm, their positions, their spans): all of them, or each sequence's last */
     float *xm = malloc(m * d * sizeof(float));
     int64_t *pos = malloc(m * sizeof(int64_t));
@@ -110,4 +118,5 @@ void dsv3_mla_block(const block_args *a, const float *x, const int64_t *position
     free(att);
     free(pos);
     free(xm);
+    free(x);
 }

@@ -1,5 +1,6 @@
-/* One MoE block of a decode step (or an MTP verification or draft) in one call: DeepSeek's router, the selected
- * routed experts and the shared expert, summed:  out = moe_experts(x, moe_route(x)) + shared(x),
+/* One pre-norm MoE block of a decode step (or an MTP verification or draft) in one call: the norm, DeepSeek's router,
+ * the selected routed experts and the shared expert, summed:
+ *   x = rms_norm(h + residual);  out = moe_experts(x, moe_route(x)) + shared(x),
  * with the same C kernels, in the same order, as the op-by-op path (bit-identical to it). Like mla_block.c, what it
  * removes is the interpreter between the three: on the default model each of those calls cost 10-25 us of Python,
  * torch and ctypes around 2-8 us of C.
@@ -13,6 +14,8 @@ void dsv3_moe_route(const float *x, const float *gate, const float *bias, long t
 void dsv3_moe_experts(int bits, const float *x, const int64_t *ids, const float *weights, long t, long topk,
                       long first, long count, long d, long inter, const void *gate, const void *gate_scale,
                       const void *up, const void *up_scale, const void *down, const void *down_scale, float *out);
+void dsv3_add_rms_norm(const float *x, const float *residual, const float *w, float *y, float *sum, long m, long d,
+                       float eps);
 void dsv3_mlp(int bits, const float *x, long m, long d, long inter, const void *gate, const void *gate_scale,
               const void *up, const void *up_scale, const void *down, const void *down_scale, float *y);
 
@@ -29,9 +32,13 @@ typedef struct {
     const void *shared_gate, *shared_gate_scale, *shared_up, *shared_up_scale, *shared_down, *shared_down_scale;
 } moe_args;
 
-/* x [t, d] -> out [t, d], this rank's part (the caller's all_reduce sums the ranks). */
-void dsv3_moe_block(const moe_args *a, const float *x, long t, float *out) {
+/* The residual stream h, residual [t, d] -> out [t, d], this rank's part (the caller's all_reduce sums the ranks),
+ * and stream = h + residual; norm [d] the block's pre-norm. */
+void dsv3_moe_block(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
+                    float *stream, long t, float *out) {
     const long d = a->d;
+    float *x = malloc(t * d * sizeof(float));
+    dsv3_add_rms_norm(h, residual, norm, x, stream, t, d, eps);
     float *weights = malloc(t * a->top_k * sizeof(float) + (a->shared_gate ? t * d * sizeof(float) : 0));
     float *shared = weights + t * a->top_k;
     int64_t *ids = malloc(t * a->top_k * sizeof(int64_t));
@@ -46,4 +53,5 @@ void dsv3_moe_block(const moe_args *a, const float *x, long t, float *out) {
     }
     free(ids);
     free(weights);
+    free(x);
 }
