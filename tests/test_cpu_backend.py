@@ -368,3 +368,24 @@ def test_fp8_checkpoint_loads_per_tensor_without_bf16_copy(tmp_path, hf_checkpoi
     assert_logits_agree(logits_and_routes(fp8, ids), ref, 6e-2)  # bf16 activations
     int8 = dsv3_rt.load(tmp_path, backend="cpu", dtype="int8", progress=False)
     assert int8.graph.w.layers[0].attn.o.format == "int8_rowwise"
+
+
+def test_chunked_prefill_equals_the_whole_prompt():
+    """A prompt prefilled in chunks (the second one on a cached prefix, long enough for the naive form) gives the
+    hidden states and greedy tokens of the whole prompt at once."""
+    from dsv3_rt.backends.cpu.attention import NAIVE_CHUNK_ROWS
+    from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
+    from dsv3_rt.core.sampling import SamplingParams
+
+    model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype="float32", progress=False)
+    g = model.graph
+    ids = torch.randint(2, model.config.vocab_size, (150,), generator=torch.Generator().manual_seed(3))
+    whole = g.forward(ids, AttnBatch.build([0], [0], [150]), g.new_cache(1, 160))
+    cache, parts = g.new_cache(1, 160), []
+    for start, n in ((0, 70), (70, 70), (140, 10)):
+        parts.append(g.forward(ids[start:start + n], AttnBatch.build([0], [start], [n]), cache))
+    assert 70 >= NAIVE_CHUNK_ROWS
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-4, rtol=1e-4)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    outs = [model.engine(max_batch=1, max_len=200, prefill_chunk=c).generate([ids.tolist()], params) for c in (None, 70)]
+    assert outs[0] == outs[1]

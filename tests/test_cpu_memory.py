@@ -78,19 +78,20 @@ def test_prefill_widening_by_slices_is_exact(monkeypatch, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dv", [24, 64])  # below and above dn + dr: v, or q and k, take the zero columns
-def test_fresh_prompt_attention_padded_to_one_head_dim(dtype, dv):
+@pytest.mark.parametrize("start", [0, 70])  # a fresh prompt, and a chunk on a cached prefix (an explicit mask)
+def test_naive_attention_padded_to_one_head_dim(dtype, dv, start):
     g = torch.Generator().manual_seed(2)
     heads, n, dn, dr, r = 6, 300, 32, 16, 64
     qn, qp = torch.randn(n, heads, dn, generator=g).to(dtype), torch.randn(n, heads, dr, generator=g).to(dtype)
-    keys = torch.randn(n, r + dr, generator=g).to(dtype)
+    keys = torch.randn(start + n, r + dr, generator=g).to(dtype)
     w_uk, w_uv_t = torch.randn(heads, dn, r, generator=g).to(dtype), torch.randn(heads, r, dv, generator=g).to(dtype)
-    got = attention._naive_causal(qn, qp, keys, w_uk, w_uv_t, 0.1)
+    got = attention._naive_causal(qn, qp, keys, w_uk, w_uv_t, 0.1, start)
     # the causal MLA of DeepSeek's naive form, written out in float64
     qn, qp, keys, w_uk, w_uv_t = (t.double() for t in (qn, qp, keys, w_uk, w_uv_t))
     k_nope = torch.einsum("lr,hdr->lhd", keys[:, :r], w_uk)
     v = torch.einsum("lr,hrd->lhd", keys[:, :r], w_uv_t)
     scores = (torch.einsum("shd,lhd->hsl", qn, k_nope) + torch.einsum("shd,ld->hsl", qp, keys[:, r:])) * 0.1
-    scores.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    scores.masked_fill_(torch.ones(n, start + n, dtype=torch.bool).triu(start + 1), float("-inf"))  # s sees 0 .. start + s
     want = torch.einsum("hsl,lhd->shd", scores.softmax(-1), v)
     assert got.shape == (n, heads, dv) and got.dtype == dtype
     torch.testing.assert_close(got.double(), want, **(dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=0.05, atol=0.3)))

@@ -44,10 +44,17 @@ class Sequence:
         return self.finish_reason is not None
 
 
+#: prompt tokens a sequence brings to one step (llama.cpp's default batch too): it bounds a step's activations
+#: (bench preset on the cpu backend, a 1024-token prompt: peak RSS 1899 -> 1826 MiB, prefill 303 -> 291 tok/s)
+#: and lets running sequences decode between the chunks of a long prompt
+PREFILL_CHUNK = 512
+
+
 class Engine:
-    def __init__(self, graph: DeepseekV3, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int | None = None,
-                 mtp: int = 0) -> None:
-        """mtp: draft this many tokens per step with the model's MTP module (0: plain decoding)."""
+    def __init__(self, graph: DeepseekV3, max_batch: int = 8, max_len: int | None = None,
+                 prefill_chunk: int | None = PREFILL_CHUNK, mtp: int = 0) -> None:
+        """prefill_chunk: at most this many prompt tokens per sequence and step (None: the whole prompt at once);
+        mtp: draft this many tokens per step with the model's MTP module (0: plain decoding)."""
         if mtp and not graph.w.mtp:
             raise RequestError("this checkpoint has no MTP module (num_nextn_predict_layers = 0 or its weights are absent)")
         self.graph = graph

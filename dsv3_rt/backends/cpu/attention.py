@@ -2,9 +2,10 @@
 
 The cache of a layer is one buffer [slots, max_len, r + dr] (latent, then the roped shared key), with the
 `LatentCache.kv` / `.pe` entries as views into it, so the keys of the absorbed form are one contiguous
-matrix. Decode and chunks on a cached prefix use the absorbed form (attend over the latent: MQA with
-head dim r + dr); a fresh prompt uses the naive form through `scaled_dot_product_attention` (causal MHA with
-head dim dn + dr, cheaper when every key is new; v padded to that head dim so the flash kernel runs). W_UK / W_UV are split from kv_b once per weight. In fp32 the
+matrix. Decode and short chunks on a cached prefix use the absorbed form (attend over the latent: MQA with
+head dim r + dr); a fresh prompt or a long chunk uses the naive form through `scaled_dot_product_attention`
+(causal MHA with head dim dn + dr, cheaper when many queries share the keys; v padded to that head dim so the
+flash kernel runs). W_UK / W_UV are split from kv_b once per weight. In fp32 the
 absorbed form is one C call per sequence (`small_ops.mla_absorbed`) instead of a dozen small torch ops; under
 int8 / int4 that call reads W_UK / W_UV^T as int8 with a scale per row, a quarter of the fp32 bytes (on the bench
 preset 2 MiB a layer, the largest read of a decode step's attention).
@@ -23,6 +24,10 @@ from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.kernels import AttentionWeights, LatentCache, MLASpec
 from dsv3_rt.core.weights import Weight
+
+#: a chunk of this many new tokens on a cached prefix takes the naive form too: decompressing the prefix's keys
+#: and values costs less than attending over the latent from that many queries, and the flash kernel applies
+NAIVE_CHUNK_ROWS = 64
 
 
 def new_fused_cache(layers: int, slots: int, max_len: int, r: int, dr: int, dtype: torch.dtype,
@@ -107,8 +112,8 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_
     for slot, start, off, n in batch.spans():
         qn, qp = q_nope[off:off + n], q_pe[off:off + n]
         keys = _keys(cache, layer, slot, start + n).to(dtype)  # [L, r + dr]
-        if start == 0 and n > 1:
-            out[off:off + n] = _naive_causal(qn, qp, keys, w_uk, w_uv_t, scale)
+        if (start == 0 and n > 1) or n >= NAIVE_CHUNK_ROWS:
+            out[off:off + n] = _naive_causal(qn, qp, keys, w_uk, w_uv_t, scale, start)
             continue
         uk, uk_scale, uv, uv_scale = absorbed  # fp32 activations: one C call
         fast = small_ops.mla_absorbed(qn, qp, uk, uv, keys, start, scale, uk_scale, uv_scale)
@@ -127,21 +132,23 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_
 
 
 def _naive_causal(qn: torch.Tensor, qp: torch.Tensor, keys: torch.Tensor, w_uk: torch.Tensor,
-                  w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """A fresh sequence: per-head K/V from the latent, causal SDPA. -> [n, H, dv]"""
+                  w_uv_t: torch.Tensor, scale: float, start: int = 0) -> torch.Tensor:
+    """n new tokens after `start` cached ones (keys: all start + n): per-head K/V from the latent, causal SDPA
+    (query i sees keys 0 .. start + i). -> [n, H, dv]"""
     heads, dn, r = w_uk.shape
-    n = qn.shape[0]
+    n, length = qn.shape[0], keys.shape[0]
     latent, k_pe = keys[:, :r], keys[:, r:]
     k_nope = torch.matmul(latent, w_uk.transpose(1, 2))  # [H, L, dn]
     v = torch.matmul(latent, w_uv_t)  # [H, L, dv]
-    k = torch.cat([k_nope, k_pe.expand(heads, n, k_pe.shape[-1])], dim=-1)
+    k = torch.cat([k_nope, k_pe.expand(heads, length, k_pe.shape[-1])], dim=-1)
     q = torch.cat([qn, qp.to(qn.dtype)], dim=-1).transpose(0, 1)  # [H, n, dn + dr]
     # CPU SDPA runs its flash kernel (blocked, no [H, n, n] scores) only when q, k and v share one head dim;
     # dn + dr != dv otherwise sends it to the math path, which materialises fp32 scores and their softmax and
     # took twice as long at 1024 tokens on the bench preset. Zero columns change neither scores nor outputs.
     dv, d = v.shape[-1], max(q.shape[-1], v.shape[-1])
     q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
-    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
+    mask = None if start == 0 else torch.ones(n, length, dtype=torch.bool, device=q.device).tril_(start)
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=start == 0, scale=scale)
     return o[0, :, :, :dv].transpose(0, 1)
 
 
