@@ -434,8 +434,9 @@ def _moe_block(t: int, first: int, count: int, shared: bool, d: int = 128, i: in
     """Router (12 experts, top-3, 4 groups), routed experts first .. first + count - 1 of 12, and a shared
     expert: every weight tiles for int8 and int4 (a backend may fuse the block)."""
     def make(g, dtype):
-        a = {"h": Act(randn(g, t, d)), "residual": Act(randn(g, t, d)), "norm": Vec(1 + 0.1 * randn(g, d)), "router": W(dense(randn(g, total, d, scale=d**-0.5)), "router"),
-             "bias": Vec(0.1 * randn(g, total)), "first": first,
+        a = {"h": Act(randn(g, t, d)), "residual": Act(randn(g, t, d)), "norm": Vec(1 + 0.1 * randn(g, d)),
+             "router": W(dense(randn(g, total, d, scale=d**-0.5)), "router"), "bias": Vec(0.1 * randn(g, total)),
+             "first": first,
              "gate": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
              "up": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
              "down": W(checkpoint_weight(g, dtype, count, d, i), "experts")}

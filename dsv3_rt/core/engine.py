@@ -44,9 +44,9 @@ class Sequence:
         return self.finish_reason is not None
 
 
-#: prompt tokens a sequence brings to one step (llama.cpp's default batch too): it bounds a step's activations
-#: (bench preset on the cpu backend, a 1024-token prompt: peak RSS 1899 -> 1826 MiB, prefill 303 -> 291 tok/s)
-#: and lets running sequences decode between the chunks of a long prompt
+#: prompt tokens a sequence brings to one step (llama.cpp's default batch too): it bounds a step's activations,
+#: at a few percent of prefill speed (README, "CPU speed"), and lets running sequences decode between the chunks
+#: of a long prompt
 PREFILL_CHUNK = 512
 
 

@@ -205,7 +205,7 @@ def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor
     one token, or (last_only) an MTP module's step, over tiled weights and a fused fp32 cache: one C call
     (`native/mla_block.c`, its pre-norm included), bit-identical to this backend's op-by-op path. None otherwise (a
     fresh prompt takes the naive form, many rows the W8A8 GEMM)."""
-    if not small_ops.all_fp32(h, norm, *(() if residual is None else (residual,))) or h.shape[0] >= TILES_WIDEN_ROWS:
+    if not small_ops.all_fp32(h, residual, norm) or h.shape[0] >= TILES_WIDEN_ROWS:
         return None
     spans = batch.spans()
     if not last_only and any(start == 0 and n > 1 for _, start, _, n in spans):

@@ -132,14 +132,13 @@ def _block_args(mw: MoEWeights, spec: RouterSpec) -> _BlockArgs | None:
     got = mw.experts.extra.get(_BLOCK_KEY)
     if got is not None and got[0] == spec:
         return got[1]
-    ex, sh = mw.experts, mw.shared
-    bits = _tiled_bits(ex.gate, ex.up, ex.down, *([] if sh is None else [sh.gate, sh.up, sh.down]))
-    router, bias = mw.router, mw.bias
+    ex, sh, router, bias = mw.experts, mw.shared, mw.router, mw.bias
+    mats = [ex.gate, ex.up, ex.down] + ([] if sh is None else [sh.gate, sh.up, sh.down])
+    bits = _tiled_bits(*mats)
     args = None
-    if (bits is not None and native.library() is not None and router.format == "f32"
-            and router.data.dtype == torch.float32 and router.data.is_contiguous()
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and not any(ggml_act.KEY in w.meta for w in (router, ex.gate, *([] if sh is None else [sh.gate])))):
+    if (bits is not None and router.format == "f32" and small_ops.all_fp32(router.data, bias)
+            and router.data.is_contiguous() and (bias is None or bias.is_contiguous())
+            and not any(ggml_act.KEY in w.meta for w in (router, *mats))):
         e, d = router.shape
         shared = [0, *[None] * 6] if sh is None else [sh.gate.shape[-2], *_pointers(sh.gate, sh.up, sh.down)]
         args = _BlockArgs(bits, router.data.data_ptr(), None if bias is None else bias.data_ptr(), e, d, spec.top_k,

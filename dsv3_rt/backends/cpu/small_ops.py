@@ -18,11 +18,13 @@ SCORING = {"sigmoid": 0, "softmax": 1}
 GROUP_SCORE = {"top2_sum": 0, "max": 1, "none": 2}
 
 
-def all_fp32(*ts: torch.Tensor) -> bool:
-    """The C kernels are there and every tensor is fp32."""
+def all_fp32(*ts: torch.Tensor | None) -> bool:
+    """The C kernels are there and every tensor given (None: an absent one) is fp32."""
     if native.library() is None:
         return False
     for t in ts:
+        if t is None:
+            continue
         if t.dtype != torch.float32:
             return False
     return True
@@ -51,8 +53,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def moe_route(x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Kernels.moe_route's (weights [T, k] fp32, ids [T, k] int64) for up to ROUTE_TOKENS tokens and an f32 gate."""
-    if (gate.format != "f32" or not all_fp32(x, gate.data) or x.shape[0] > ROUTE_TOKENS
-            or (bias is not None and bias.dtype != torch.float32)):
+    if gate.format != "f32" or not all_fp32(x, gate.data, bias) or x.shape[0] > ROUTE_TOKENS:
         return None
     xc, g = x.contiguous(), gate.data.contiguous()
     b = None if bias is None else bias.contiguous()
