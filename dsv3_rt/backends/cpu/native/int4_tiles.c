@@ -26,21 +26,28 @@ static inline __m512 bf16x16_to_ps(const uint8_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* Round each row of x to int8 per group: xq, dx (the group's step) and the group's sum of xq. */
+/* Round each row of x to int8 per group: xq, dx (the group's step) and the group's sum of xq. Vectorised, and the
+ * same bits as the scalar form: max ignores NaN like fmaxf, vcvtps2dq rounds like nearbyintf, and the int8 store
+ * truncates like the (int8_t) cast (a scalar fmaxf call per element took ~15 % of a default-model MoE block). */
 void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum) {
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (long g = 0; g < m * k / GROUP; g++) {
         const float *v = x + g * GROUP;
-        float amax = 0.0f;
-        for (int c = 0; c < GROUP; c++) amax = fmaxf(amax, fabsf(v[c]));
-        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int32_t s = 0;
-        for (int c = 0; c < GROUP; c++) {
-            int q = (int)nearbyintf(v[c] * inv);
-            xq[g * GROUP + c] = (int8_t)q;
-            s += q;
+        __m512 part[GROUP / 16], amax16 = _mm512_setzero_ps();
+        for (int i = 0; i < GROUP / 16; i++) {
+            part[i] = _mm512_loadu_ps(v + 16 * i);
+            amax16 = _mm512_max_ps(_mm512_and_ps(part[i], magnitude), amax16);  /* a NaN lane keeps amax16 */
+        }
+        const float amax = _mm512_reduce_max_ps(amax16);
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int i = 0; i < GROUP / 16; i++) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(part[i], inv));
+            _mm_storeu_si128((__m128i *)(xq + g * GROUP + 16 * i), _mm512_cvtepi32_epi8(q));
+            sum = _mm512_add_epi32(sum, q);
         }
         dx[g] = amax / 127.0f;
-        xsum[g] = s;
+        xsum[g] = _mm512_reduce_add_epi32(sum);
     }
 }
 
