@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("int8_tiles.c", "int4_tiles.c", "mlp.c", "ops.c", "mla_block.c", "moe_block.c"))
+HEADERS = (Path(__file__).with_name("vmath.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _reason: str | None = None
@@ -46,7 +47,7 @@ def _build(compiler: str) -> Path:
     """Compile SOURCES into one shared library named by a hash of everything that shapes it (the source,
     the flags, the compiler, the CPU -march=native targets); reuse it when it exists."""
     key = hashlib.sha256()
-    for part in [s.read_bytes() for s in SOURCES] + [" ".join(FLAGS).encode(), compiler.encode(), _cpu_model().encode()]:
+    for part in [s.read_bytes() for s in SOURCES + HEADERS] + [" ".join(FLAGS).encode(), compiler.encode(), _cpu_model().encode()]:
         key.update(part)
     out = cache_dir() / f"dsv3_rt_cpu_{key.hexdigest()[:16]}.so"
     if out.exists():

@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vmath.h"
+
 void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
                            long b);
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -129,6 +131,17 @@ void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long
     run(bits, ps, count);
 }
 
+/* g = silu(g) * u = g / (1 + exp(-g)) * u over n floats. */
+static void silu_mul(float *g, const float *u, long n) {
+    for (long c = 0; c < n; c += 16) {
+        const __mmask16 lanes = n - c >= 16 ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+        const __m512 x = _mm512_maskz_loadu_ps(lanes, g + c);
+        const __m512 e = dsv3_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        const __m512 y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_maskz_loadu_ps(lanes, u + c));
+        _mm512_mask_storeu_ps(g + c, lanes, y);
+    }
+}
+
 /* SwiGLU of `count` MLPs at once: mlp i maps xs[i] [ms[i], d] to ys[i] through gate/up/down[i]. */
 static void swiglu(int bits, long count, const float *const *xs, const long *ms, const matrix *gate, const matrix *up,
                    const matrix *down, float *const *ys, long d, long inter) {
@@ -146,7 +159,7 @@ static void swiglu(int bits, long count, const float *const *xs, const long *ms,
     g = h;
     for (long i = 0; i < count; i++) {
         const float *u = g + ms[i] * inter;
-        for (long c = 0; c < ms[i] * inter; c++) g[c] = g[c] / (1.0f + expf(-g[c])) * u[c];
+        silu_mul(g, u, ms[i] * inter);
         ps[i] = (product){ g, down[i], ys[i], ms[i], d, inter };
         g += 2 * ms[i] * inter;
     }

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vmath.h"
+
 static float rms_scale(const float *x, long d, float eps) {
     float ss = 0.0f;
     #pragma omp simd reduction(+ : ss)
@@ -157,6 +159,53 @@ static const void *matrix_at(const void *w, const float *scale, long index, long
     return (const char *)w + index * rows * cols * (scale ? 1 : (long)sizeof(float));
 }
 
+/* p = softmax(p) over n floats, in place. */
+static void softmax(float *p, long n) {
+    __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (long j = 0; j < n; j += 16) {
+        const __mmask16 lanes = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        top = _mm512_mask_max_ps(top, lanes, top, _mm512_maskz_loadu_ps(lanes, p + j));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    for (long j = 0; j < n; j += 16) {
+        const __mmask16 lanes = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 e = dsv3_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, p + j), mx));
+        _mm512_mask_storeu_ps(p + j, lanes, e);
+        sum = _mm512_mask_add_ps(sum, lanes, sum, e);
+    }
+    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    for (long j = 0; j < n; j += 16) {
+        const __mmask16 lanes = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(p + j, lanes, _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, p + j), total));
+    }
+}
+
+/* latent[b] = sum_j p[b][j] * keys[j][0 .. r) for nh (<= 4) heads. Blocks of 64 columns sum in registers over all
+ * the keys, each key block loaded once for the nh heads: summed in memory, every key stored and reloaded the
+ * heads' sums, a chain that took ~30 % of the default model's attention. The same FMAs in the same order. */
+static inline __attribute__((always_inline)) void weighted_latent(const float *p, long len, const float *keys,
+        long width, long r, float *latent, const int nh) {
+    for (long c0 = 0; c0 < r; c0 += 64) {
+        __mmask16 lanes[4];
+        __m512 acc[4][4];
+        for (int q = 0; q < 4; q++) {
+            const long left = r - c0 - 16 * q;
+            lanes[q] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            for (int b = 0; b < nh; b++) acc[b][q] = _mm512_setzero_ps();
+        }
+        for (long j = 0; j < len; j++) {
+            __m512 k[4];
+            for (int q = 0; q < 4; q++) k[q] = _mm512_maskz_loadu_ps(lanes[q], keys + j * width + c0 + 16 * q);
+            for (int b = 0; b < nh; b++) {
+                const __m512 pj = _mm512_set1_ps(p[b * len + j]);
+                for (int q = 0; q < 4; q++) acc[b][q] = _mm512_fmadd_ps(pj, k[q], acc[b][q]);
+            }
+        }
+        for (int b = 0; b < nh; b++)
+            for (int q = 0; q < 4; q++) _mm512_mask_storeu_ps(latent + b * r + c0 + 16 * q, lanes[q], acc[b][q]);
+    }
+}
+
 /* Token i, heads h0 .. h0 + nh - 1. */
 static void mla_heads(const mla_args *m, long i, long h0, long nh) {
     const long r = m->r, dn = m->dn, dr = m->dr, dv = m->dv, width = r + dr, len = m->start + i + 1;
@@ -196,19 +245,15 @@ static void mla_heads(const mla_args *m, long i, long h0, long nh) {
             for (long c = 0; c < width; c++) s += q[b * width + c] * keys[j * width + c];
             p[b * len + j] = s * m->scale;
         }
-    for (long b = 0; b < nh; b++) {
-        float *pb = p + b * len, mx = -INFINITY, total = 0.0f;
-        for (long j = 0; j < len; j++) mx = fmaxf(mx, pb[j]);
-        for (long j = 0; j < len; j++) total += pb[j] = expf(pb[j] - mx);
-        for (long j = 0; j < len; j++) pb[j] /= total;
-        for (long c = 0; c < r; c++) latent[b * r + c] = 0.0f;
-    }
-    for (long j = 0; j < len; j++)
-        for (long b = 0; b < nh; b++) {
-            float pj = p[b * len + j], *lb = latent + b * r;
-            #pragma omp simd
-            for (long c = 0; c < r; c++) lb[c] += pj * keys[j * width + c];
+    for (long b = 0; b < nh; b++) softmax(p + b * len, len);
+    for (long b = 0; b < nh; b += 4) {
+        switch (nh - b < 4 ? nh - b : 4) {
+            case 4: weighted_latent(p + b * len, len, keys, width, r, latent + b * r, 4); break;
+            case 3: weighted_latent(p + b * len, len, keys, width, r, latent + b * r, 3); break;
+            case 2: weighted_latent(p + b * len, len, keys, width, r, latent + b * r, 2); break;
+            case 1: weighted_latent(p + b * len, len, keys, width, r, latent + b * r, 1); break;
         }
+    }
     for (long b = 0; b < nh; b++) {
         float *o = m->out + (i * m->heads + h0 + b) * dv;
         const long h = h0 + b;
