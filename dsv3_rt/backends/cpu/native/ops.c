@@ -110,8 +110,8 @@ void dsv3_moe_route(const float *x, const float *gate, const float *bias, long t
  * The two weights are fp32, or int8 with one fp32 scale per row (uk_scale [heads, dn], uv_scale [heads, r]; NULL
  * for fp32): each product sums rows of its weight times one coefficient per row, so a row's scale multiplies that
  * coefficient and the int8 bytes are read as they are, a quarter of fp32's.
- * A work item is one token and a block of HEAD_BLOCK heads, which read each cached key row once together
- * (head by head, 16 heads reread a layer's cache 16 times). */
+ * A work item (one thread's) is one token and a block of HEAD_BLOCK heads, in groups of 4 that read each cached
+ * key row once together for the scores and once for the sum (head by head, 16 heads reread a layer's cache 16 times). */
 #define HEAD_BLOCK 8
 
 typedef struct {
@@ -180,6 +180,37 @@ static void softmax(float *p, long n) {
     }
 }
 
+/* p[b][j] = scale * q[b] . keys[j] for nh (<= 4) heads q [nh, width] and keys [len, width]. Four keys by the nh heads
+ * at a time: each loaded vector feeds 4 FMAs (one key row against one query row fed 1 and held the loads to the
+ * FMA rate), and the 16 sums reduce together. */
+static inline __attribute__((always_inline)) void scores(const float *q, long width, const float *keys, long len,
+        float scale, float *p, const int nh) {
+    long j = 0;
+    for (; j + 4 <= len; j += 4) {
+        __m512 acc[16];  /* acc[4 * key + head]: dsv3_hsum16_transposed puts its sum in lane 4 * head + key */
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (long c = 0; c < width; c += 16) {
+            const __mmask16 lanes = width - c >= 16 ? 0xFFFF : (__mmask16)((1u << (width - c)) - 1);
+            __m512 k[4];
+            for (int kk = 0; kk < 4; kk++) k[kk] = _mm512_maskz_loadu_ps(lanes, keys + (j + kk) * width + c);
+            for (int b = 0; b < nh; b++) {
+                const __m512 qv = _mm512_maskz_loadu_ps(lanes, q + b * width + c);
+                for (int kk = 0; kk < 4; kk++) acc[4 * kk + b] = _mm512_fmadd_ps(qv, k[kk], acc[4 * kk + b]);
+            }
+        }
+        float sums[16];
+        _mm512_storeu_ps(sums, _mm512_mul_ps(dsv3_hsum16_transposed(acc), _mm512_set1_ps(scale)));
+        for (int b = 0; b < nh; b++) memcpy(p + b * len + j, sums + 4 * b, 4 * sizeof(float));
+    }
+    for (; j < len; j++)
+        for (int b = 0; b < nh; b++) {
+            float sum = 0.0f;
+            #pragma omp simd reduction(+ : sum)
+            for (long c = 0; c < width; c++) sum += q[b * width + c] * keys[j * width + c];
+            p[b * len + j] = sum * scale;
+        }
+}
+
 /* latent[b] = sum_j p[b][j] * keys[j][0 .. r) for nh (<= 4) heads. Blocks of 64 columns sum in registers over all
  * the keys, each key block loaded once for the nh heads: summed in memory, every key stored and reloaded the
  * heads' sums, a chain that took ~30 % of the default model's attention. The same FMAs in the same order. */
@@ -206,6 +237,14 @@ static inline __attribute__((always_inline)) void weighted_latent(const float *p
     }
 }
 
+/* latent [nh, r] = softmax(scale * q @ keys.T) @ keys[:, :r] for nh (<= 4) heads; p [nh, len] the scores. */
+static inline __attribute__((always_inline)) void attend(const float *q, long width, const float *keys, long len,
+        float scale, long r, float *p, float *latent, const int nh) {
+    scores(q, width, keys, len, scale, p, nh);
+    for (int b = 0; b < nh; b++) softmax(p + b * len, len);
+    weighted_latent(p, len, keys, width, r, latent, nh);
+}
+
 /* Token i, heads h0 .. h0 + nh - 1. */
 static void mla_heads(const mla_args *m, long i, long h0, long nh) {
     const long r = m->r, dn = m->dn, dr = m->dr, dv = m->dv, width = r + dr, len = m->start + i + 1;
@@ -219,39 +258,13 @@ static void mla_heads(const mla_args *m, long i, long h0, long nh) {
                  m->q_nope + ih * dn, dn, r, qb);
         memcpy(qb + r, m->q_pe + ih * dr, dr * sizeof(float));
     }
-    /* scores, four keys at a time: four independent sums per head (one sum is a chain of dependent FMAs, which
-     * held the bench preset's 16 heads x 48 keys to its latency) over key rows still in L1 for the next head */
-    long j = 0;
-    for (; j + 4 <= len; j += 4) {
-        const float *k0 = keys + j * width, *k1 = k0 + width, *k2 = k1 + width, *k3 = k2 + width;
-        for (long b = 0; b < nh; b++) {
-            const float *qb = q + b * width;
-            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-            #pragma omp simd reduction(+ : s0, s1, s2, s3)
-            for (long c = 0; c < width; c++) {
-                s0 += qb[c] * k0[c];
-                s1 += qb[c] * k1[c];
-                s2 += qb[c] * k2[c];
-                s3 += qb[c] * k3[c];
-            }
-            float *pb = p + b * len + j;
-            pb[0] = s0 * m->scale, pb[1] = s1 * m->scale, pb[2] = s2 * m->scale, pb[3] = s3 * m->scale;
-        }
-    }
-    for (; j < len; j++)
-        for (long b = 0; b < nh; b++) {
-            float s = 0.0f;
-            #pragma omp simd reduction(+ : s)
-            for (long c = 0; c < width; c++) s += q[b * width + c] * keys[j * width + c];
-            p[b * len + j] = s * m->scale;
-        }
-    for (long b = 0; b < nh; b++) softmax(p + b * len, len);
-    for (long b = 0; b < nh; b += 4) {
+    for (long b = 0; b < nh; b += 4) {  /* groups of up to 4 heads: see scores and weighted_latent */
+        float *qb = q + b * width, *pb = p + b * len, *lb = latent + b * r;
         switch (nh - b < 4 ? nh - b : 4) {
-            case 4: weighted_latent(p + b * len, len, keys, width, r, latent + b * r, 4); break;
-            case 3: weighted_latent(p + b * len, len, keys, width, r, latent + b * r, 3); break;
-            case 2: weighted_latent(p + b * len, len, keys, width, r, latent + b * r, 2); break;
-            case 1: weighted_latent(p + b * len, len, keys, width, r, latent + b * r, 1); break;
+            case 4: attend(qb, width, keys, len, m->scale, r, pb, lb, 4); break;
+            case 3: attend(qb, width, keys, len, m->scale, r, pb, lb, 3); break;
+            case 2: attend(qb, width, keys, len, m->scale, r, pb, lb, 2); break;
+            case 1: attend(qb, width, keys, len, m->scale, r, pb, lb, 1); break;
         }
     }
     for (long b = 0; b < nh; b++) {

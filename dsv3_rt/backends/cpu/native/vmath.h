@@ -22,4 +22,17 @@ static inline __m512 dsv3_exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* The 16 horizontal sums of v[0 .. 15] in one vector: lane 4q + s holds the sum of v[4s + q] (a tree of 15 adds and
+ * 30 shuffles instead of 16 separate reductions). */
+static inline __m512 dsv3_hsum16_transposed(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)  /* 128-bit quarters: v[2i] in quarters 0-1, v[2i+1] in 2-3 */
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)  /* quarter q: v[4i + q] */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)  /* quarter q: [v[8i + q], v[8i + 4 + q]] twice */
+        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
+}
+
 #endif
