@@ -72,15 +72,16 @@ needs_native = pytest.mark.skipif(native.library() is None, reason=f"no C kernel
 
 @needs_native
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])  # the kernel shares one widened weight vector by up to 4 rows
-def test_int8_tiles_kernel_is_the_dequantised_matmul(m):  # 208 columns: not a multiple of 64, fp32 activations
+def test_int8_tiles_kernel_is_the_dequantised_matmul(m):  # 208 columns: not a multiple of 64
     w = quantize_int8(torch.randn(3, 40, 208) * 0.02)  # a stack of 3 experts
     tiles = tile_int8(w)
     assert torch.equal(untile_int8(tiles.data), w.data) and torch.equal(tiles.dequantize(), w.dequantize())
     from dsv3_rt.backends.cpu.matmul import int8_tiles_matmul
 
     x = torch.randn(m, 208)
-    for e in range(3):  # fp32 activations and sums: only summation order differs from the dense fp32 matmul
-        want = x.double() @ w.dequantize()[e].double().T
+    seen = _rounded_per_64(x) if native.has_int4() else x  # with VNNI the kernel rounds x (see the next test)
+    for e in range(3):  # then only summation order differs from the dense float64 matmul
+        want = seen.double() @ w.dequantize()[e].double().T
         torch.testing.assert_close(int8_tiles_matmul(x, tiles.data[e], tiles.scale[e]).double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -109,24 +110,29 @@ def test_int4_tiles_kernel_is_llama_cpp_style_int8_activation_dot(m):
 
 @pytest.mark.skipif(not native.has_int4(), reason=f"no VNNI kernels here: {native.unavailable_reason() or 'no AVX-512 VNNI'}")
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_int8_tiles_kernel_with_vnni_rounds_activations_per_64(m):
-    """Rows of 64k columns take the VNNI path: x rounded per 64-column group as for int4, exact int32 sums."""
+@pytest.mark.parametrize("k", [256, 96, 208])  # whole 64-column groups, or a short last group per row
+def test_int8_tiles_kernel_with_vnni_rounds_activations_per_64(m, k):
+    """With VNNI, x is rounded per 64-column group as for int4 (a row's last group shorter where k % 64 != 0),
+    and the sums are exact int32."""
     from dsv3_rt.backends.cpu.matmul import int8_tiles_matmul
 
     torch.manual_seed(m)
-    w = quantize_int8(torch.randn(40, 256) * 0.02)
+    w = quantize_int8(torch.randn(40, k) * 0.02)
     tiles = tile_int8(w)
-    x = torch.randn(m, 256) * torch.rand(m, 256)
+    x = torch.randn(m, k) * torch.rand(m, k)
     want = _rounded_per_64(x).double() @ w.dequantize().double().T
     torch.testing.assert_close(int8_tiles_matmul(x, tiles.data, tiles.scale).double(), want, atol=1e-5, rtol=1e-5)
 
 
 def _rounded_per_64(x: torch.Tensor) -> torch.Tensor:
-    """x with each 64-column group rounded to int8 steps of max|x| / 127, half to even, as the C kernels do."""
-    groups = x.view(x.shape[0], -1, 64)
-    amax = groups.abs().amax(-1, keepdim=True)
-    step_inverse = torch.full_like(amax, 127.0) / amax  # as C computes it (torch's 127.0 / t is 127 * (1 / t))
-    return (torch.round(groups * step_inverse) * (amax / 127.0)).view_as(x)
+    """x with each 64-column group (the last one of a row maybe shorter) rounded to int8 steps of max|x| / 127,
+    half to even, as the C kernels do."""
+    out = []
+    for groups in x.split(64, dim=-1):
+        amax = groups.abs().amax(-1, keepdim=True)
+        step_inverse = torch.full_like(amax, 127.0) / amax  # as C computes it (torch's 127.0 / t is 127 * (1 / t))
+        out.append(torch.round(groups * step_inverse) * (amax / 127.0))
+    return torch.cat(out, dim=-1)
 
 
 def test_int8_without_native_kernels_keeps_torch_layout(monkeypatch):

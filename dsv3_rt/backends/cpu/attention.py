@@ -13,6 +13,7 @@ preset 2 MiB a layer, the largest read of a decode step's attention).
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +167,7 @@ class _BlockArgs(ctypes.Structure):  # native/mla_block.c's block_args
 
 
 _BLOCK_KEY = "cpu.mla_block"  # kv_a.meta key of (spec, the layer's _BlockArgs but the cache, which can move)
+_CACHE_KEY = "cpu.mla_block.cache"  # kv_a.meta key of (the cache buffer, spec, a pointer to the _BlockArgs set to it)
 
 
 def _tiled(w: Weight | None) -> _Tiled | None:
@@ -207,22 +209,53 @@ def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor
     fresh prompt takes the naive form, many rows the W8A8 GEMM)."""
     if not small_ops.all_fp32(h, residual, norm) or h.shape[0] >= TILES_WIDEN_ROWS:
         return None
-    spans = batch.spans()
-    if not last_only and any(start == 0 and n > 1 for _, start, _, n in spans):
+    table, fresh = _step_spans(batch)
+    if fresh and not last_only:
         return None
-    base = _fused_base(cache, layer)
-    if base is None or base.dtype != torch.float32 or not base.is_contiguous() or base.shape[-1] != spec.r + spec.dr:
+    layer_args = _layer_args(aw, spec, cache, layer)
+    if layer_args is None:
         return None
-    args = _block_args(aw, spec)
-    if args is None:
-        return None
-    args.cache, args.max_len = base.data_ptr(), base.shape[1]
-    hc, pos, w = h.contiguous(), batch.positions.contiguous(), norm.contiguous()
+    hc, w = h.contiguous(), norm.contiguous()
     rc = None if residual is None else residual.contiguous()
     stream = hc if rc is None else torch.empty_like(hc)  # h + residual, written by the call
-    table = torch.tensor(spans, dtype=torch.long)
-    out = torch.empty(len(spans) if last_only else h.shape[0], aw.o.shape[0], dtype=torch.float32)
-    native.library().dsv3_mla_block(ctypes.byref(args), hc.data_ptr(), None if rc is None else rc.data_ptr(), w.data_ptr(),
-                                    stream.data_ptr(), pos.data_ptr(), h.shape[0], table.data_ptr(), len(spans),
-                                    int(last_only), out.data_ptr())
+    out = torch.empty(table.shape[0] if last_only else h.shape[0], aw.o.shape[0], dtype=torch.float32)
+    native.library().dsv3_mla_block(layer_args, hc.data_ptr(), None if rc is None else rc.data_ptr(), w.data_ptr(),
+                                    stream.data_ptr(), batch.positions.data_ptr(), h.shape[0], table.data_ptr(),
+                                    table.shape[0], int(last_only), out.data_ptr())
     return out, (take_rows(stream, batch.last_token_rows) if last_only else stream)
+
+
+# What a decode step repeats in every layer costs it most: in a real decode of the default model (a 22M-parameter
+# model, 8 layers) the interpreter's work around each layer's C call took 26 us, twice its time in a hot loop, as
+# the weight streams in between evict its code and data. So the step's span table is built once for all layers,
+# and a layer's C arguments, cache pointer included, once per cache.
+_last_step: tuple = (None, None, False)  # (batch, its spans as the C call's [count, 4] table, a fresh prompt in it)
+
+
+def _step_spans(batch: AttnBatch) -> tuple[torch.Tensor, bool]:
+    """(slot, start, row offset, length) per sequence as an int64 table, and whether a sequence in the batch is a
+    fresh multi-token prompt; built once per batch."""
+    global _last_step
+    seen, table, fresh = _last_step  # (one read of the tuple: safe from another thread's step)
+    if seen is not batch:
+        spans = batch.spans()
+        table, fresh = torch.tensor(spans, dtype=torch.long), any(start == 0 and n > 1 for _, start, _, n in spans)
+        _last_step = (batch, table, fresh)
+    return table, fresh
+
+
+def _layer_args(aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int) -> ctypes._Pointer | None:
+    """A pointer to the layer's `_BlockArgs` with this cache's buffer in it (re-pointed when the cache is another
+    one); None where the C block does not apply (see `_block_args`, or a cache that is not one fused fp32 buffer)."""
+    got = aw.kv_a.meta.get(_CACHE_KEY)
+    if got is not None and got[0]() is cache.kv[layer]._base and got[1] is spec:
+        return got[2]
+    base = _fused_base(cache, layer)
+    args = _block_args(aw, spec)
+    if (args is None or base is None or base.dtype != torch.float32 or not base.is_contiguous()
+            or base.shape[-1] != spec.r + spec.dr):
+        return None
+    args.cache, args.max_len = base.data_ptr(), base.shape[1]
+    pointer = ctypes.pointer(args)
+    aw.kv_a.meta[_CACHE_KEY] = (weakref.ref(base), spec, pointer)  # (weak: a dropped engine's cache is freed)
+    return pointer

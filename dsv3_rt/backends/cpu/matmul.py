@@ -118,7 +118,7 @@ def _by_rows(x: torch.Tensor, n: int, step: int, rows: Callable[[int, int], torc
 
 def int8_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] -> fp32 [M, N] through the C kernel, the bf16 row scale last: fp32 activations and sums, or with
-    AVX-512 VNNI and K % 64 == 0 activations rounded to int8 per 64 columns and exact int32 sums."""
+    AVX-512 VNNI activations rounded to int8 per 64 columns and exact int32 sums."""
     xf = x.float().contiguous()
     m, (n, k) = xf.shape[0], tiles.shape
     y = torch.empty(m, n, dtype=torch.float32)

@@ -123,14 +123,14 @@ class _BlockArgs(ctypes.Structure):  # native/moe_block.c's moe_args
                 *[(f"shared_{f}", ctypes.c_void_p) for f in ("gate", "gate_scale", "up", "up_scale", "down", "down_scale")]]
 
 
-_BLOCK_KEY = "cpu.moe_block"  # experts.extra key of (spec, the layer's _BlockArgs or None)
+_BLOCK_KEY = "cpu.moe_block"  # experts.extra key of (spec, a pointer to the layer's _BlockArgs, or None)
 
 
-def _block_args(mw: MoEWeights, spec: RouterSpec) -> _BlockArgs | None:
-    """The C call's weights and shapes for one layer, made once per spec; None where the block does not run in
+def _block_args(mw: MoEWeights, spec: RouterSpec) -> ctypes._Pointer | None:
+    """A pointer to the C call's weights and shapes for one layer, made once per spec; None where the block does not run in
     one call (a router the C router does not take, weights that are not all tiled in one format)."""
     got = mw.experts.extra.get(_BLOCK_KEY)
-    if got is not None and got[0] == spec:
+    if got is not None and (got[0] is spec or got[0] == spec):  # (identity first: a dataclass == compares fields)
         return got[1]
     ex, sh, router, bias = mw.experts, mw.shared, mw.router, mw.bias
     mats = [ex.gate, ex.up, ex.down] + ([] if sh is None else [sh.gate, sh.up, sh.down])
@@ -145,6 +145,7 @@ def _block_args(mw: MoEWeights, spec: RouterSpec) -> _BlockArgs | None:
                           spec.n_group, spec.topk_group, small_ops.SCORING[spec.scoring],
                           small_ops.GROUP_SCORE[spec.group_score], int(spec.normalize), spec.scaling, ex.first,
                           ex.count, ex.gate.shape[-2], *_pointers(ex.gate, ex.up, ex.down), *shared)
+        args = ctypes.pointer(args)
     mw.experts.extra[_BLOCK_KEY] = (spec, args)
     return args
 
@@ -163,6 +164,6 @@ def moe_block(h: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, eps: 
         return None
     hc, rc, w = h.contiguous(), residual.contiguous(), norm.contiguous()
     out, stream = torch.empty_like(hc), torch.empty_like(hc)
-    native.library().dsv3_moe_block(ctypes.byref(args), hc.data_ptr(), rc.data_ptr(), w.data_ptr(), eps,
+    native.library().dsv3_moe_block(args, hc.data_ptr(), rc.data_ptr(), w.data_ptr(), eps,
                                     stream.data_ptr(), t, out.data_ptr())
     return out, stream

@@ -26,29 +26,36 @@ static inline __m512 bf16x16_to_ps(const uint8_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* Round each row of x to int8 per group: xq, dx (the group's step) and the group's sum of xq. Vectorised, and the
- * same bits as the scalar form: max ignores NaN like fmaxf, vcvtps2dq rounds like nearbyintf, and the int8 store
- * truncates like the (int8_t) cast (a scalar fmaxf call per element took ~15 % of a default-model MoE block). */
+/* Round each row of x [m, k] to int8 per group of 64 columns (the last one of a row shorter where k % 64 != 0, as
+ * int8 weights allow; 4-bit ones are whole groups): xq [m, k], dx [m, groups] (the group's step) and the group's
+ * sum of xq. Vectorised, and the same bits as the scalar form: max ignores NaN like fmaxf, vcvtps2dq rounds like
+ * nearbyintf, and the int8 store truncates like the (int8_t) cast (a scalar fmaxf call per element took ~15 % of
+ * a default-model MoE block). */
 void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum) {
     const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    for (long g = 0; g < m * k / GROUP; g++) {
-        const float *v = x + g * GROUP;
-        __m512 part[GROUP / 16], amax16 = _mm512_setzero_ps();
-        for (int i = 0; i < GROUP / 16; i++) {
-            part[i] = _mm512_loadu_ps(v + 16 * i);
-            amax16 = _mm512_max_ps(_mm512_and_ps(part[i], magnitude), amax16);  /* a NaN lane keeps amax16 */
+    const long groups = (k + GROUP - 1) / GROUP;
+    for (long row = 0; row < m; row++)
+        for (long g = 0; g < groups; g++) {
+            const long c0 = g * GROUP, at = row * k + c0, width = k - c0 < GROUP ? k - c0 : GROUP;
+            __mmask16 lanes[GROUP / 16];
+            __m512 part[GROUP / 16], amax16 = _mm512_setzero_ps();
+            for (int i = 0; i < GROUP / 16; i++) {
+                const long left = width - 16 * i;
+                lanes[i] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+                part[i] = _mm512_maskz_loadu_ps(lanes[i], x + at + 16 * i);
+                amax16 = _mm512_max_ps(_mm512_and_ps(part[i], magnitude), amax16);  /* a NaN lane keeps amax16 */
+            }
+            const float amax = _mm512_reduce_max_ps(amax16);
+            const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            __m512i sum = _mm512_setzero_si512();
+            for (int i = 0; i < GROUP / 16; i++) {
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(part[i], inv));  /* 0 in masked lanes */
+                _mm_mask_storeu_epi8(xq + at + 16 * i, lanes[i], _mm512_cvtepi32_epi8(q));
+                sum = _mm512_add_epi32(sum, q);
+            }
+            dx[row * groups + g] = amax / 127.0f;
+            xsum[row * groups + g] = _mm512_reduce_add_epi32(sum);
         }
-        const float amax = _mm512_reduce_max_ps(amax16);
-        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-        __m512i sum = _mm512_setzero_si512();
-        for (int i = 0; i < GROUP / 16; i++) {
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(part[i], inv));
-            _mm_storeu_si128((__m128i *)(xq + g * GROUP + 16 * i), _mm512_cvtepi32_epi8(q));
-            sum = _mm512_add_epi32(sum, q);
-        }
-        dx[g] = amax / 127.0f;
-        xsum[g] = _mm512_reduce_add_epi32(sum);
-    }
 }
 
 static inline __attribute__((always_inline)) void tile_rows(const uint8_t *tile, const int8_t *xq,

@@ -7,9 +7,9 @@
  * and used for up to 4 activation rows, so an MTP verification of 2 tokens reads the weight once.
  * Sums are fp32, activations fp32, the per-row bf16 scale applies to the sum.
  *
- * With AVX-512 VNNI and k % 64 == 0 the activations are rounded to int8 per group of 64 columns first (as
- * for the 4-bit kernel, dsv3_int4_quantize) and one vpdpbusd multiplies a whole 4 x 16 tile chunk by them,
- * summing exactly in int32: widening each weight to fp32 took 3 instructions per 16 weights and capped one
+ * With AVX-512 VNNI the activations are rounded to int8 per group of 64 columns first (a row's last group shorter
+ * where k % 64 != 0; as for the 4-bit kernel, dsv3_int4_quantize) and one vpdpbusd multiplies a whole 4 x 16
+ * tile chunk by them, summing exactly in int32: widening each weight to fp32 took 3 instructions per 16 weights and capped one
  * core at ~10 GB/s from DRAM on a Sapphire Rapids, below its read bandwidth. vpdpbusd wants one unsigned
  * operand, so the weight bytes are flipped to w + 128 in a register and 128 * (the group's sum of xq) is
  * taken off again:  y[r] = scale[r] * sum_g dx_g * (sum_c (w[r][c] + 128) * xq[c] - 128 * xsum_g).
@@ -92,7 +92,7 @@ static inline __m128 row_sums(__m512 v) {
 
 static inline __attribute__((always_inline)) void tile_rows_q(const int8_t *xq, const float *dx, const float *corr,
         const int8_t *tile, const uint16_t *scale, float *y, long n, long k, long n0, long m0, const int mb) {
-    const long groups = k / GROUP;
+    const long groups = (k + GROUP - 1) / GROUP;  /* the last one short where k % 64 != 0 */
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 out[MAX_M];
     for (int m = 0; m < mb; m++) out[m] = _mm512_setzero_ps();
@@ -105,7 +105,8 @@ static inline __attribute__((always_inline)) void tile_rows_q(const int8_t *xq, 
          * product whose weight is in cache to its latency (512 x 192, one row, with the corrections below: 3.5 -> 2.2 us) */
         __m512i acc[MAX_M][2];
         for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-        for (int c = 0; c < GROUP / TILE_COLS; c++) {  /* 4 rows x 16 columns, then the next 16 columns */
+        const int steps = k - g * GROUP < GROUP ? (int)(k - g * GROUP) / TILE_COLS : GROUP / TILE_COLS;
+        for (int c = 0; c < steps; c++) {  /* 4 rows x 16 columns, then the next 16 columns */
             __m512i w = _mm512_xor_si512(_mm512_loadu_si512(p + c * TILE_COLS * TILE_ROWS), flip);
             for (int m = 0; m < mb; m++) {
                 __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + (m0 + m) * k + g * GROUP + c * TILE_COLS)));
@@ -125,7 +126,7 @@ static inline __attribute__((always_inline)) void tile_rows_q(const int8_t *xq, 
 
 /* corr[r] = 128 * sum_g dx_g * xsum_g for each activation row: the flip's offset, the same for every weight row. */
 void dsv3_int8_corrections(const float *dx, const int32_t *xsum, long m, long k, float *corr) {
-    const long groups = k / GROUP;
+    const long groups = (k + GROUP - 1) / GROUP;
     for (long r = 0; r < m; r++) {
         float c = 0.0f;
         for (long g = 0; g < groups; g++) c += 128.0f * dx[r * groups + g] * (float)xsum[r * groups + g];
@@ -133,7 +134,7 @@ void dsv3_int8_corrections(const float *dx, const int32_t *xsum, long m, long k,
     }
 }
 
-/* dsv3_int8_tiles_block over activations rounded by dsv3_int4_quantize (k % 64 == 0). Whole products, with the
+/* dsv3_int8_tiles_block over activations rounded by dsv3_int4_quantize. Whole products, with the
  * rounding and the thread team, run through dsv3_tiles_matmul (mlp.c), as the 4-bit ones do. */
 void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const float *corr, const int8_t *tiles,
                              const uint16_t *scale, float *y, long m, long n, long k, long b) {

@@ -17,7 +17,6 @@
 void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
                            long b);
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define ROUNDS_ACTIVATIONS(bits, k) ((bits) == 4 || (k) % 64 == 0) /* see int8_tiles.c */
 void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, int32_t *xsum);
 void dsv3_int4_tiles_block(const uint8_t *tiles, const int8_t *xq, const float *dx, const int32_t *xsum, float *y,
                            long m, long n, long k, long b);
@@ -77,16 +76,15 @@ static void run(int bits, product *ps, long count) {
         work += p->m * p->n * p->k;
         p->xq = NULL;
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-        if (ROUNDS_ACTIVATIONS(bits, p->k)) {
-            p->xq = malloc(p->m * p->k);
-            p->dx = malloc(p->m * p->k / 64 * sizeof(float));
-            p->xsum = malloc(p->m * p->k / 64 * sizeof(int32_t));
-            p->corr = NULL;
-            dsv3_int4_quantize(p->x, p->m, p->k, p->xq, p->dx, p->xsum);
-            if (bits == 8) {
-                p->corr = malloc(p->m * sizeof(float));
-                dsv3_int8_corrections(p->dx, p->xsum, p->m, p->k, p->corr);
-            }
+        const long groups = (p->k + 63) / 64;  /* both formats round the activations to int8 (see int8_tiles.c) */
+        p->xq = malloc(p->m * p->k);
+        p->dx = malloc(p->m * groups * sizeof(float));
+        p->xsum = malloc(p->m * groups * sizeof(int32_t));
+        p->corr = NULL;
+        dsv3_int4_quantize(p->x, p->m, p->k, p->xq, p->dx, p->xsum);
+        if (bits == 8) {
+            p->corr = malloc(p->m * sizeof(float));
+            dsv3_int8_corrections(p->dx, p->xsum, p->m, p->k, p->corr);
         }
 #endif
     }
