@@ -98,9 +98,10 @@ def worker_dsv3(args: argparse.Namespace) -> dict:
 
     def prefill(n: int) -> float:
         engine = model.engine(max_batch=1, max_len=n + 2)
-        engine.submit(prompt_ids(n, cfg.vocab_size), SamplingParams(max_new_tokens=1, ignore_eos=True))
+        seq = engine.submit(prompt_ids(n, cfg.vocab_size), SamplingParams(max_new_tokens=1, ignore_eos=True))
         t = time.perf_counter()
-        engine.step()
+        while not seq.generated:  # every chunk of the prompt (the engine prefills 512 tokens a step)
+            engine.step()
         return n / (time.perf_counter() - t)
 
     with torch.inference_mode():

@@ -7,7 +7,7 @@ import torch
 
 import dsv3_rt
 from dsv3_rt.backends.cpu import CpuBackend, native
-from dsv3_rt.backends.cpu.matmul import TILES_WIDEN_ROWS
+from dsv3_rt.backends.cpu.matmul import INT8_C_ROWS
 from dsv3_rt.backends.cpu.formats import (fp8_to_dense, quantize_int4, quantize_int4_tiles, quantize_int8, tile_int8,
                                           untile_int8)
 from dsv3_rt.core.batch import AttnBatch
@@ -152,13 +152,15 @@ def test_fp8_table_dequant_matches_core():
 
 # --- ops vs the reference on the same weights --------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 7, 130])  # kernel path, small batch, prefill path (bf16 GEMM; int8: W8A8)
+@pytest.mark.parametrize("m", [1, 7, 40, 130])  # kernel path, small batches, prefill path (bf16 GEMM; int8: W8A8)
 def test_linear(dtype, m):
     k = CpuBackend(dtype)
     w = k.prepare_weight(checkpoint_weight(192, 256, dtype=dtype), "linear")
     x = torch.randn(m, 256).to(k.compute_dtype)
-    w8a8 = dtype == "int8" and m >= TILES_WIDEN_ROWS and w.format == "int8_tiles"  # per-row int8 activations
-    tol = CpuBackend.conformance_tolerances["linear*:int8"].atol if w8a8 else None
+    # int4, and int8 on its C kernel (VNNI) or W8A8 GEMM (from INT8_C_ROWS rows), round activations to int8: the
+    # backend's declared tolerance
+    rounds = dtype == "int4" or (dtype == "int8" and w.format == "int8_tiles" and (native.has_int4() or m >= INT8_C_ROWS))
+    tol = CpuBackend.conformance_tolerances[f"linear*:{dtype}"].atol if rounds else None
     close(k.linear(x, w), reference_for(k).linear(x, w), dtype, tol)
 
 

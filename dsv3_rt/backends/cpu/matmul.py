@@ -20,10 +20,13 @@ from dsv3_rt.core.weights import Weight
 
 #: rows from which a quantised weight is widened to bf16 for a oneDNN GEMM instead of the weight-only kernel
 WIDEN_ROWS = 128
-#: the same for int8_tiles, whose prefill path is W8A8: the C kernel widens each weight vector once for every 4
-#: rows, so from about 32 rows on the int8 GEMM is faster (N=2048, K=1408, 1 thread, CPU time: 32 rows 1.3 vs
-#: 2.2 ms; 16 rows 1.0 vs 1.1); the bf16 paths keep the same threshold
+#: bf16 weights take oneDNN's GEMM (rows padded, see PAD_ROWS) from this many rows
 TILES_WIDEN_ROWS = 32
+#: int8_tiles products of fewer rows run the VNNI C kernel (activations rounded per 64 columns), more the W8A8
+#: GEMM (per-row rounding, torch's int8 GEMM over the weight untiled 8 MiB at a time). Measured, 2 threads, best
+#: of 5, C against W8A8: 5632 x 2048 at 32 / 64 / 128 / 512 rows 1.9 / 3.5 / 6.8 / 26.3 against 4.6 / 5.7 / 8.7 /
+#: 24.5 ms; 1408 x 2048 0.49 / 0.95 / 1.96 / 7.4 against 1.12 / 1.63 / 1.89 / 5.9 ms
+INT8_C_ROWS = 128
 #: bf16 bytes of weight one widening step holds: widening a whole matrix made a bf16 copy (and an untiled int8
 #: one) per call, 33 MiB for a 5632 x 2048 MLP matrix. Measured (1024 rows, that matrix, 1 thread, CPU time):
 #: whole 121 ms, 8 MiB slices 121 ms, 4 MiB 124, 2 MiB 128 (the output is written slice by slice)
@@ -43,7 +46,7 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
     Formats not prepared by the cpu backend (e.g. GGUF blocks a loader hands through) are dequantised. A
     weight with a `ggml_act` rule (activations="ggml-cpu", fp32 weights) rounds x as llama.cpp does first."""
     fmt = w.format
-    if fmt == "int8_tiles" and expert is None and x.dtype == torch.float32 and x.shape[0] < TILES_WIDEN_ROWS:
+    if fmt == "int8_tiles" and expert is None and x.dtype == torch.float32 and x.shape[0] < INT8_C_ROWS:
         return int8_tiles_matmul(x, w.data, w.scale)  # the decode step's case, ahead of the checks below (~1 us each)
     if ggml_act.KEY in w.meta:
         return ggml_act.weight_matmul(x, w, expert).to(x.dtype)
@@ -55,7 +58,7 @@ def matmul(x: torch.Tensor, w: Weight, expert: int | None = None) -> torch.Tenso
             return F.linear(_pad_rows(x), data)[: x.shape[0]]
         return F.linear(x, data if data.dtype == x.dtype else data.to(x.dtype))
     if fmt == "int8_tiles":
-        if x.shape[0] >= TILES_WIDEN_ROWS:
+        if x.shape[0] >= INT8_C_ROWS:
             return int8_w8a8_matmul(x, data, scale).to(x.dtype)
         return int8_tiles_matmul(x, data, scale).to(x.dtype)
     if fmt == "int4_tiles":  # at every batch size: its int8 dot products outrun widening to bf16 for oneDNN
