@@ -124,6 +124,25 @@ def test_int8_tiles_kernel_with_vnni_rounds_activations_per_64(m, k):
     torch.testing.assert_close(int8_tiles_matmul(x, tiles.data, tiles.scale).double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not native.has_int4(), reason=f"no VNNI kernels here: {native.unavailable_reason() or 'no AVX-512 VNNI'}")
+@pytest.mark.parametrize("m", [1, 5, 130, 300])
+@pytest.mark.parametrize("n", [40, 44])  # an even and an odd number of 4-row tiles (the kernel pairs them)
+def test_int8_w8a8_kernel_is_torch_int_mm_form(m, n):
+    """The prefill W8A8 product in C equals its torch form bit for bit: x rounded per row (step amax / 127, half to
+    even), torch's exact int32 GEMM on the untiled weight, then the activation and weight scales."""
+    from dsv3_rt.backends.cpu.matmul import int8_w8a8_matmul
+
+    torch.manual_seed(m + n)
+    w = quantize_int8(torch.randn(n, 208) * 0.02)
+    tiles = tile_int8(w)
+    x = torch.randn(m, 208) * torch.rand(m, 1) * 3
+    xs = x.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    xq = torch.round(x / xs).to(torch.int8)
+    padded = torch.nn.functional.pad(xq, (0, 0, 0, -m % 32))  # (torch._int_mm wants rows in multiples of 8, > 16)
+    want = torch._int_mm(padded, w.data.t())[:m].float().mul_(xs).mul_(w.scale)
+    assert torch.equal(int8_w8a8_matmul(x, tiles.data, tiles.scale), want)
+
+
 def _rounded_per_64(x: torch.Tensor) -> torch.Tensor:
     """x with each 64-column group (the last one of a row maybe shorter) rounded to int8 steps of max|x| / 127,
     half to even, as the C kernels do."""

@@ -16,6 +16,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifndef __AVX512F__
@@ -155,5 +156,94 @@ void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const float *cor
         case 2: tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, 2); break;
         case 1: tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, 1); break;
     }
+}
+/* The four row sums of v's 128-bit lanes (one tile row each), in int32. */
+static inline __m128i row_sums_epi32(__m512i v) {
+    __m128 r0 = _mm_castsi128_ps(_mm512_extracti32x4_epi32(v, 0)), r1 = _mm_castsi128_ps(_mm512_extracti32x4_epi32(v, 1));
+    __m128 r2 = _mm_castsi128_ps(_mm512_extracti32x4_epi32(v, 2)), r3 = _mm_castsi128_ps(_mm512_extracti32x4_epi32(v, 3));
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  /* moves bits only */
+    return _mm_add_epi32(_mm_add_epi32(_mm_castps_si128(r0), _mm_castps_si128(r1)),
+                         _mm_add_epi32(_mm_castps_si128(r2), _mm_castps_si128(r3)));
+}
+
+/* Rows n0 .. n0 + 4 * tiles - 1 of y (`tiles` consecutive weight tiles, 1 or 2) for activation rows m0 .. m0 + mb - 1.
+ * Two tiles share each activation load: a 128-bit broadcast per row and 16 columns fed one vpdpbusd with one tile
+ * (1.25 loads per vpdpbusd) and held the kernel below torch's int8 GEMM at 1024 rows. */
+static inline __attribute__((always_inline)) void tile_rows_w8a8(const int8_t *xq, const float *xs, const int32_t *xsum,
+        const int8_t *tile, const uint16_t *scale, float *y, long n, long k, long n0, long m0, const int mb,
+        const int tiles) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[2][MAX_M];  /* one int32 chain per tile and activation row */
+    for (int t = 0; t < tiles; t++)
+        for (int m = 0; m < mb; m++) acc[t][m] = _mm512_setzero_si512();
+    for (long c = 0; c < k; c += TILE_COLS) {
+        __m512i w[2];
+        for (int t = 0; t < tiles; t++) w[t] = _mm512_xor_si512(_mm512_loadu_si512(tile + t * TILE_ROWS * k + c * TILE_ROWS), flip);
+        for (int m = 0; m < mb; m++) {
+            const __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + (m0 + m) * k + c)));
+            for (int t = 0; t < tiles; t++) acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], w[t], a);
+        }
+    }
+    for (int t = 0; t < tiles; t++) {
+        const long r = n0 + t * TILE_ROWS;
+        const __m128 s = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(scale + r))), 16));
+        for (int m = 0; m < mb; m++) {
+            const __m128i sum = _mm_sub_epi32(row_sums_epi32(acc[t][m]), _mm_set1_epi32(128 * xsum[m0 + m]));
+            _mm_storeu_ps(y + (m0 + m) * n + r, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(sum), _mm_set1_ps(xs[m0 + m])), s));
+        }
+    }
+}
+
+/* Weight tiles b .. b + tiles - 1 (1 or 2) against activation rows r0 .. r1 - 1. */
+static inline __attribute__((always_inline)) void tiles_w8a8(const int8_t *xq, const float *xs, const int32_t *xsum,
+        const int8_t *tiles_data, const uint16_t *scale, float *y, long n, long k, long b, long r0, long r1, const int tiles) {
+    const int8_t *tile = tiles_data + b * TILE_ROWS * k;
+    long m0 = r0;
+    for (; m0 + MAX_M <= r1; m0 += MAX_M) tile_rows_w8a8(xq, xs, xsum, tile, scale, y, n, k, b * TILE_ROWS, m0, MAX_M, tiles);
+    switch (r1 - m0) {
+        case 3: tile_rows_w8a8(xq, xs, xsum, tile, scale, y, n, k, b * TILE_ROWS, m0, 3, tiles); break;
+        case 2: tile_rows_w8a8(xq, xs, xsum, tile, scale, y, n, k, b * TILE_ROWS, m0, 2, tiles); break;
+        case 1: tile_rows_w8a8(xq, xs, xsum, tile, scale, y, n, k, b * TILE_ROWS, m0, 1, tiles); break;
+    }
+}
+
+#define W8A8_ROWS 256 /* activation rows a pass over the weight serves: 512 KiB of int8 rows at K = 2048, in L2 */
+
+/* y [m, n] = x [m, k] @ W.T in W8A8: each row of x rounded to int8 with its own step xs = max(amax, 1e-30) / 127,
+ * exact int32 sums, then y = float(sum) * xs * scale[r]: bit for bit torch's `_int_mm` form of it (the prefill
+ * path it replaces, which untiled the weight 8 MiB at a time for each product). */
+void dsv3_int8_tiles_w8a8(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k) {
+    int8_t *xq = malloc(m * k);
+    float *xs = malloc(m * sizeof(float));
+    int32_t *xsum = malloc(m * sizeof(int32_t));
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < m; r++) {
+        const float *xr = x + r * k;
+        __m512 top = _mm512_setzero_ps();
+        for (long c = 0; c < k; c += 16) top = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(xr + c), magnitude), top);
+        const float amax = _mm512_reduce_max_ps(top), step = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
+        const __m512 sv = _mm512_set1_ps(step);
+        __m512i sum = _mm512_setzero_si512();
+        for (long c = 0; c < k; c += 16) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(xr + c), sv));  /* x / step, half to even */
+            _mm_storeu_si128((__m128i *)(xq + r * k + c), _mm512_cvtepi32_epi8(q));
+            sum = _mm512_add_epi32(sum, q);
+        }
+        xs[r] = step;
+        xsum[r] = _mm512_reduce_add_epi32(sum);
+    }
+    const long blocks = n / TILE_ROWS, pairs = blocks / 2;
+    for (long r0 = 0; r0 < m; r0 += W8A8_ROWS) {
+        const long r1 = m - r0 < W8A8_ROWS ? m : r0 + W8A8_ROWS;
+        #pragma omp parallel for schedule(static)
+        for (long p = 0; p < pairs + blocks % 2; p++) {
+            if (p < pairs) tiles_w8a8(xq, xs, xsum, tiles, scale, y, n, k, 2 * p, r0, r1, 2);
+            else tiles_w8a8(xq, xs, xsum, tiles, scale, y, n, k, blocks - 1, r0, r1, 1);
+        }
+    }
+    free(xsum);
+    free(xs);
+    free(xq);
 }
 #endif
