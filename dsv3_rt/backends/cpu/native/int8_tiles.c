@@ -91,47 +91,59 @@ static inline __m128 row_sums(__m512 v) {
     return _mm_add_ps(_mm_add_ps(r0, r1), _mm_add_ps(r2, r3));
 }
 
-/* out[m] += dx_g * (the int32 sums of group g's `steps` 16-column steps) for mb activation rows. Two int32 chains
- * per row (even and odd steps): one chain of four dependent vpdpbusd held a product whose weight is in cache to its
- * latency (512 x 192, one row, with the corrections below: 3.5 -> 2.2 us). `steps` is a constant at each call, so
- * the chains stay in registers (a run-time count spilled them: prefill-128 of the bench preset ran 0.55x). */
-static inline __attribute__((always_inline)) void group_q(const int8_t *xq, const float *dx, const int8_t *p, long k,
-        long groups, long g, long m0, const int mb, const int steps, __m512 *out) {
+/* out[t][m] += dx_g * (the int32 sums of group g's `steps` 16-column steps) for `tiles` consecutive weight tiles (1 or
+ * 2, `stride` bytes apart) and mb activation rows. Two tiles share each activation load (a 128-bit broadcast per row
+ * and 16 columns), as in dsv3_int8_tiles_w8a8. Two int32 chains per row (even and odd steps): one chain of four
+ * dependent vpdpbusd held a product whose weight is in cache to its latency (512 x 192, one row, with the
+ * corrections below: 3.5 -> 2.2 us). `steps` is a constant at each call, so the chains stay in registers (a
+ * run-time count spilled them: prefill-128 of the bench preset ran 0.55x). */
+static inline __attribute__((always_inline)) void group_q(const int8_t *xq, const float *dx, const int8_t *p, long stride,
+        long k, long groups, long g, long m0, const int mb, const int steps, const int tiles, __m512 out[2][MAX_M]) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     if (dsv3_prefetching)
-        for (int l = 0; l < GROUP * TILE_ROWS; l += 64)  /* (prefetches never fault past the end) */
-            _mm_prefetch((const char *)(p + PREFETCH + l), _MM_HINT_T0);
-    __m512i acc[MAX_M][2];
-    for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+        for (int t = 0; t < tiles; t++)
+            for (int l = 0; l < GROUP * TILE_ROWS; l += 64)  /* (prefetches never fault past the end) */
+                _mm_prefetch((const char *)(p + t * stride + PREFETCH + l), _MM_HINT_T0);
+    __m512i acc[2][MAX_M][2];
+    for (int t = 0; t < tiles; t++)
+        for (int m = 0; m < mb; m++) acc[t][m][0] = acc[t][m][1] = _mm512_setzero_si512();
     for (int c = 0; c < steps; c++) {  /* 4 rows x 16 columns, then the next 16 columns */
-        __m512i w = _mm512_xor_si512(_mm512_loadu_si512(p + c * TILE_COLS * TILE_ROWS), flip);
+        __m512i w[2];
+        for (int t = 0; t < tiles; t++) w[t] = _mm512_xor_si512(_mm512_loadu_si512(p + t * stride + c * TILE_COLS * TILE_ROWS), flip);
         for (int m = 0; m < mb; m++) {
             __m512i a = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + (m0 + m) * k + g * GROUP + c * TILE_COLS)));
-            acc[m][c & 1] = _mm512_dpbusd_epi32(acc[m][c & 1], w, a);
+            for (int t = 0; t < tiles; t++) acc[t][m][c & 1] = _mm512_dpbusd_epi32(acc[t][m][c & 1], w[t], a);
         }
     }
-    for (int m = 0; m < mb; m++) {
-        __m512i sum = _mm512_add_epi32(acc[m][0], acc[m][1]);
-        out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(dx[(m0 + m) * groups + g]), out[m]);
-    }
+    for (int t = 0; t < tiles; t++)
+        for (int m = 0; m < mb; m++) {
+            __m512i sum = _mm512_add_epi32(acc[t][m][0], acc[t][m][1]);
+            out[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(dx[(m0 + m) * groups + g]), out[t][m]);
+        }
 }
 
 static inline __attribute__((always_inline)) void tile_rows_q(const int8_t *xq, const float *dx, const float *corr,
-        const int8_t *tile, const uint16_t *scale, float *y, long n, long k, long n0, long m0, const int mb) {
+        const int8_t *tile, const uint16_t *scale, float *y, long n, long k, long n0, long m0, const int mb,
+        const int tiles) {
     const long full = k / GROUP, groups = (k + GROUP - 1) / GROUP;  /* a row's last group short where k % 64 != 0 */
-    __m512 out[MAX_M];
-    for (int m = 0; m < mb; m++) out[m] = _mm512_setzero_ps();
+    const long stride = TILE_ROWS * k;
+    __m512 out[2][MAX_M];
+    for (int t = 0; t < tiles; t++)
+        for (int m = 0; m < mb; m++) out[t][m] = _mm512_setzero_ps();
     for (long g = 0; g < full; g++)
-        group_q(xq, dx, tile + g * GROUP * TILE_ROWS, k, groups, g, m0, mb, GROUP / TILE_COLS, out);
+        group_q(xq, dx, tile + g * GROUP * TILE_ROWS, stride, k, groups, g, m0, mb, GROUP / TILE_COLS, tiles, out);
+    const int8_t *last = tile + full * GROUP * TILE_ROWS;
     switch ((k - full * GROUP) / TILE_COLS) {
-        case 3: group_q(xq, dx, tile + full * GROUP * TILE_ROWS, k, groups, full, m0, mb, 3, out); break;
-        case 2: group_q(xq, dx, tile + full * GROUP * TILE_ROWS, k, groups, full, m0, mb, 2, out); break;
-        case 1: group_q(xq, dx, tile + full * GROUP * TILE_ROWS, k, groups, full, m0, mb, 1, out); break;
+        case 3: group_q(xq, dx, last, stride, k, groups, full, m0, mb, 3, tiles, out); break;
+        case 2: group_q(xq, dx, last, stride, k, groups, full, m0, mb, 2, tiles, out); break;
+        case 1: group_q(xq, dx, last, stride, k, groups, full, m0, mb, 1, tiles, out); break;
     }
-    /* the four rows' bf16 scales, widened to fp32 by a 16-bit shift */
-    const __m128 s = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(scale + n0))), 16));
-    for (int m = 0; m < mb; m++)
-        _mm_storeu_ps(y + (m0 + m) * n + n0, _mm_mul_ps(_mm_sub_ps(row_sums(out[m]), _mm_set1_ps(corr[m0 + m])), s));
+    for (int t = 0; t < tiles; t++) {  /* the four rows' bf16 scales, widened to fp32 by a 16-bit shift */
+        const long r = n0 + t * TILE_ROWS;
+        const __m128 s = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(scale + r))), 16));
+        for (int m = 0; m < mb; m++)
+            _mm_storeu_ps(y + (m0 + m) * n + r, _mm_mul_ps(_mm_sub_ps(row_sums(out[t][m]), _mm_set1_ps(corr[m0 + m])), s));
+    }
 }
 
 /* corr[r] = 128 * sum_g dx_g * xsum_g for each activation row: the flip's offset, the same for every weight row. */
@@ -144,19 +156,29 @@ void dsv3_int8_corrections(const float *dx, const int32_t *xsum, long m, long k,
     }
 }
 
-/* dsv3_int8_tiles_block over activations rounded by dsv3_int4_quantize. Whole products, with the
- * rounding and the thread team, run through dsv3_tiles_matmul (mlp.c), as the 4-bit ones do. */
-void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const float *corr, const int8_t *tiles,
-                             const uint16_t *scale, float *y, long m, long n, long k, long b) {
+static inline __attribute__((always_inline)) void block_q(const int8_t *xq, const float *dx, const float *corr,
+        const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k, long b, const int count) {
     const int8_t *tile = tiles + b * TILE_ROWS * k;
     long m0 = 0;
-    for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, MAX_M);
+    for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, MAX_M, count);
     switch (m - m0) {
-        case 3: tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, 3); break;
-        case 2: tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, 2); break;
-        case 1: tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, 1); break;
+        case 3: tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, 3, count); break;
+        case 2: tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, 2, count); break;
+        case 1: tile_rows_q(xq, dx, corr, tile, scale, y, n, k, b * TILE_ROWS, m0, 1, count); break;
     }
 }
+
+/* dsv3_int8_tiles_block over activations rounded by dsv3_int4_quantize, for blocks b .. b + count - 1 (count 1 or 2:
+ * see group_q). Whole products, with the rounding and the thread team, run through dsv3_tiles_matmul (mlp.c), as
+ * the 4-bit ones do. */
+void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const float *corr, const int8_t *tiles,
+                             const uint16_t *scale, float *y, long m, long n, long k, long b, int count) {
+    if (count == 2)
+        block_q(xq, dx, corr, tiles, scale, y, m, n, k, b, 2);
+    else
+        block_q(xq, dx, corr, tiles, scale, y, m, n, k, b, 1);
+}
+
 /* The four row sums of v's 128-bit lanes (one tile row each), in int32. */
 static inline __m128i row_sums_epi32(__m512i v) {
     __m128 r0 = _mm_castsi128_ps(_mm512_extracti32x4_epi32(v, 0)), r1 = _mm_castsi128_ps(_mm512_extracti32x4_epi32(v, 1));
