@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import native, small_ops
 from dsv3_rt.backends.cpu.formats import TILED_BITS
-from dsv3_rt.backends.cpu.matmul import TILES_WIDEN_ROWS
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.kernels import AttentionWeights, LatentCache, MLASpec
@@ -29,6 +28,8 @@ from dsv3_rt.core.weights import Weight
 #: a chunk of this many new tokens on a cached prefix takes the naive form too: decompressing the prefix's keys
 #: and values costs less than attending over the latent from that many queries, and the flash kernel applies
 NAIVE_CHUNK_ROWS = 64
+#: steps of fewer rows run the MLA block as one C call; more take the op-by-op path (its projections the prefill GEMMs)
+BLOCK_ROWS = 32
 
 
 def new_fused_cache(layers: int, slots: int, max_len: int, r: int, dr: int, dtype: torch.dtype,
@@ -206,8 +207,8 @@ def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor
     """Kernels.mla_block for a step whose sequences all sit on a cached prefix (decode, MTP verification) or add
     one token, or (last_only) an MTP module's step, over tiled weights and a fused fp32 cache: one C call
     (`native/mla_block.c`, its pre-norm included), bit-identical to this backend's op-by-op path. None otherwise (a
-    fresh prompt takes the naive form, many rows the W8A8 GEMM)."""
-    if not small_ops.all_fp32(h, residual, norm) or h.shape[0] >= TILES_WIDEN_ROWS:
+    fresh prompt takes the naive form, BLOCK_ROWS or more rows the op-by-op path)."""
+    if not small_ops.all_fp32(h, residual, norm) or h.shape[0] >= BLOCK_ROWS:
         return None
     table, fresh = _step_spans(batch)
     if fresh and not last_only:

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import native, small_ops
 from dsv3_rt.backends.cpu.formats import TILED_BITS
-from dsv3_rt.backends.cpu.matmul import TILES_WIDEN_ROWS, matmul
+from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.kernels import ExpertWeights, MoEWeights, RouterSpec
 from dsv3_rt.core.weights import Weight
 
 FEW_SELECTIONS = 16  # up to this many (token, expert) pairs take the Python-grouped path (untiled weights)
 C_MLP_ROWS = 16  # a dense MLP over fewer rows (a decode or verify step) is one C call; more go through matmul
+C_EXPERT_ROWS = 32  # a layer's routed experts are one C call while they average up to this many rows each
 
 
 def _tiled_bits(*ws: Weight) -> int | None:
@@ -59,12 +60,12 @@ def _expert(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     t, k = ids.shape
     bits = _tiled_bits(experts.gate, experts.up, experts.down)
-    # Tiled experts run in C while they average fewer rows than the W8A8 GEMM needs to win (TILES_WIDEN_ROWS):
-    # a decode or verify step, and prefill chunks of up to ~32 tokens per expert. Measured (int8, 2 threads, one
+    # Tiled experts run in one C call while they average up to C_EXPERT_ROWS rows: a decode or verify step, and
+    # prefill chunks of up to ~32 tokens per expert (at 128 a 512-token chunk prefilled slower than per expert). Measured (int8, 2 threads, one
     # MoE layer, routed at random): default model 4 / 16 / 64 / 128 tokens 56 / 146 / 296 / 680 us in C against
     # 799 / 2282 / 2289 / 2389 us grouped here; bench preset 8 / 16 / 128 tokens 4.4 / 5.9 / 31.7 ms against
     # 5.2 / 8.9 / 42.4 ms.
-    if bits is not None and t * k <= TILES_WIDEN_ROWS * experts.count:
+    if bits is not None and t * k <= C_EXPERT_ROWS * experts.count:
         return _native(x, weights, ids, experts, bits)
     if t * k <= FEW_SELECTIONS:
         return _few_tokens(x, weights, ids, experts)
@@ -157,7 +158,7 @@ def moe_block(h: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, eps: 
     leave C."""
     t = h.shape[0]
     if (not small_ops.all_fp32(h, residual, norm) or h.shape != residual.shape or t >= C_MLP_ROWS
-            or t > small_ops.ROUTE_TOKENS or t * spec.top_k > TILES_WIDEN_ROWS * mw.experts.count):
+            or t > small_ops.ROUTE_TOKENS or t * spec.top_k > C_EXPERT_ROWS * mw.experts.count):
         return None
     args = _block_args(mw, spec)
     if args is None:
