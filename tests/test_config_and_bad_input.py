@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import dsv3_rt
 from dsv3_rt.core.config import ModelConfig, list_presets
-from dsv3_rt.core.errors import CheckpointError, ConfigError
+from dsv3_rt.core.errors import ConfigError
 
 REAL = DEEPSEEK_V3_DATA / "config.json"
 

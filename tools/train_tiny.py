@@ -21,7 +21,6 @@ commands (recorded in quality.json "commands") reproduces the model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys

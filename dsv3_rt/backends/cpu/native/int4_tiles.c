@@ -9,7 +9,6 @@
  * The tiles of one thread are read in address order.
  */
 #include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)

@@ -6,7 +6,6 @@
  * every selected expert share one pass of the thread team, and so do their down products: two team entries
  * per layer instead of three per expert.
  */
-#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
