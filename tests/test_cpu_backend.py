@@ -111,13 +111,14 @@ def test_int4_tiles_kernel_is_llama_cpp_style_int8_activation_dot(m):
 @pytest.mark.skipif(not native.has_int4(), reason=f"no VNNI kernels here: {native.unavailable_reason() or 'no AVX-512 VNNI'}")
 @pytest.mark.parametrize("m", [1, 2, 5])
 @pytest.mark.parametrize("k", [256, 96, 208])  # whole 64-column groups, or a short last group per row
-def test_int8_tiles_kernel_with_vnni_rounds_activations_per_64(m, k):
+@pytest.mark.parametrize("n", [40, 44])  # an even and an odd number of 4-row tiles (from 2 rows they go in pairs)
+def test_int8_tiles_kernel_with_vnni_rounds_activations_per_64(m, k, n):
     """With VNNI, x is rounded per 64-column group as for int4 (a row's last group shorter where k % 64 != 0),
     and the sums are exact int32."""
     from dsv3_rt.backends.cpu.matmul import int8_tiles_matmul
 
     torch.manual_seed(m)
-    w = quantize_int8(torch.randn(40, k) * 0.02)
+    w = quantize_int8(torch.randn(n, k) * 0.02)
     tiles = tile_int8(w)
     x = torch.randn(m, k) * torch.rand(m, k)
     want = _rounded_per_64(x).double() @ w.dequantize().double().T

@@ -69,7 +69,7 @@ class CpuBackend(Kernels):
         **{f"{op}*:{dtype}": Tolerance(4e-2, 4e-2, reason) for op in ("linear", "dense_mlp", "moe_experts", "mla_block")
            for dtype, reason in (("int4", "the int4_tiles kernel rounds activations to int8 per 64-column group (as "
                                           "llama.cpp's 4-bit dot products do), on top of bf16-level rounding"),
-                                 ("int8", "prefill (128+ rows) rounds activations to int8 per row for torch's int8 GEMM "
+                                 ("int8", "prefill (128+ rows) rounds activations to int8 per row for an int8 GEMM "
                                           "(W8A8 with per-token scales, as SGLang's CPU backend); fewer rows with VNNI per 64-column group, and "
                                           "decode's absorbed MLA reads kv_b's halves as int8 per row"))},
         **{f"moe_block*:{dtype}": Tolerance(6e-2, 6e-2, "the sum of moe_experts and dense_mlp (the shared expert), "

@@ -61,8 +61,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
     t, k = ids.shape
     bits = _tiled_bits(experts.gate, experts.up, experts.down)
     # Tiled experts run in one C call while they average up to C_EXPERT_ROWS rows: a decode or verify step, and
-    # prefill chunks of up to ~32 tokens per expert (at 128 a 512-token chunk prefilled slower than per expert). Measured (int8, 2 threads, one
-    # MoE layer, routed at random): default model 4 / 16 / 64 / 128 tokens 56 / 146 / 296 / 680 us in C against
+    # prefill chunks of up to ~32 tokens per expert (at 128 a 512-token chunk prefilled slower than per expert).
+    # Measured (int8, 2 threads, one MoE layer, routed at random): default model 4 / 16 / 64 / 128 tokens 56 / 146 / 296 / 680 us in C against
     # 799 / 2282 / 2289 / 2389 us grouped here; bench preset 8 / 16 / 128 tokens 4.4 / 5.9 / 31.7 ms against
     # 5.2 / 8.9 / 42.4 ms.
     if bits is not None and t * k <= C_EXPERT_ROWS * experts.count:
@@ -128,8 +128,8 @@ _BLOCK_KEY = "cpu.moe_block"  # experts.extra key of (spec, a pointer to the lay
 
 
 def _block_args(mw: MoEWeights, spec: RouterSpec) -> ctypes._Pointer | None:
-    """A pointer to the C call's weights and shapes for one layer, made once per spec; None where the block does not run in
-    one call (a router the C router does not take, weights that are not all tiled in one format)."""
+    """A pointer to the C call's weights and shapes for one layer, made once per spec; None where the block does not
+    run in one call (a router the C router does not take, weights that are not all tiled in one format)."""
     got = mw.experts.extra.get(_BLOCK_KEY)
     if got is not None and (got[0] is spec or got[0] == spec):  # (identity first: a dataclass == compares fields)
         return got[1]

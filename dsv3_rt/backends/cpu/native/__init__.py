@@ -107,7 +107,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def has_int4() -> bool:
-    """Whether the 4-bit (VNNI) kernel is there."""
+    """Whether the AVX-512 VNNI kernels are there: the 4-bit one, int8's rounded-activation path and its W8A8."""
     lib = library()
     return lib is not None and hasattr(lib, "dsv3_int4_tiles_block")  # compiled only where the CPU has AVX-512 VNNI
 

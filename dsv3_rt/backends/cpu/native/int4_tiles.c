@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "vmath.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 
 #define ROWS 16
@@ -39,8 +41,7 @@ void dsv3_int4_quantize(const float *x, long m, long k, int8_t *xq, float *dx, i
             __mmask16 lanes[GROUP / 16];
             __m512 part[GROUP / 16], amax16 = _mm512_setzero_ps();
             for (int i = 0; i < GROUP / 16; i++) {
-                const long left = width - 16 * i;
-                lanes[i] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+                lanes[i] = dsv3_lanes(width - 16 * i);
                 part[i] = _mm512_maskz_loadu_ps(lanes[i], x + at + 16 * i);
                 amax16 = _mm512_max_ps(_mm512_and_ps(part[i], magnitude), amax16);  /* a NaN lane keeps amax16 */
             }

@@ -136,7 +136,7 @@ void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long
 /* g = silu(g) * u = g / (1 + exp(-g)) * u over n floats. */
 static void silu_mul(float *g, const float *u, long n) {
     for (long c = 0; c < n; c += 16) {
-        const __mmask16 lanes = n - c >= 16 ? 0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+        const __mmask16 lanes = dsv3_lanes(n - c);
         const __m512 x = _mm512_maskz_loadu_ps(lanes, g + c);
         const __m512 e = dsv3_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
         const __m512 y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_maskz_loadu_ps(lanes, u + c));

@@ -163,19 +163,19 @@ static const void *matrix_at(const void *w, const float *scale, long index, long
 static void softmax(float *p, long n) {
     __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
     for (long j = 0; j < n; j += 16) {
-        const __mmask16 lanes = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __mmask16 lanes = dsv3_lanes(n - j);
         top = _mm512_mask_max_ps(top, lanes, top, _mm512_maskz_loadu_ps(lanes, p + j));
     }
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     for (long j = 0; j < n; j += 16) {
-        const __mmask16 lanes = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __mmask16 lanes = dsv3_lanes(n - j);
         const __m512 e = dsv3_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, p + j), mx));
         _mm512_mask_storeu_ps(p + j, lanes, e);
         sum = _mm512_mask_add_ps(sum, lanes, sum, e);
     }
     const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
     for (long j = 0; j < n; j += 16) {
-        const __mmask16 lanes = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __mmask16 lanes = dsv3_lanes(n - j);
         _mm512_mask_storeu_ps(p + j, lanes, _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, p + j), total));
     }
 }
@@ -190,7 +190,7 @@ static inline __attribute__((always_inline)) void scores(const float *q, long wi
         __m512 acc[16];  /* acc[4 * key + head]: dsv3_hsum16_transposed puts its sum in lane 4 * head + key */
         for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
         for (long c = 0; c < width; c += 16) {
-            const __mmask16 lanes = width - c >= 16 ? 0xFFFF : (__mmask16)((1u << (width - c)) - 1);
+            const __mmask16 lanes = dsv3_lanes(width - c);
             __m512 k[4];
             for (int kk = 0; kk < 4; kk++) k[kk] = _mm512_maskz_loadu_ps(lanes, keys + (j + kk) * width + c);
             for (int b = 0; b < nh; b++) {
@@ -220,8 +220,7 @@ static inline __attribute__((always_inline)) void weighted_latent(const float *p
         __mmask16 lanes[4];
         __m512 acc[4][4];
         for (int q = 0; q < 4; q++) {
-            const long left = r - c0 - 16 * q;
-            lanes[q] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            lanes[q] = dsv3_lanes(r - c0 - 16 * q);
             for (int b = 0; b < nh; b++) acc[b][q] = _mm512_setzero_ps();
         }
         for (long j = 0; j < len; j++) {

@@ -3,6 +3,11 @@
 #define DSV3_VMATH_H
 #include <immintrin.h>
 
+/* The lanes of a 16-float vector that hold the next `left` elements of a row: all 16, the first `left`, or none. */
+static inline __mmask16 dsv3_lanes(long left) {
+    return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+}
+
 /* exp of 16 floats within ~1 ulp of expf (Cephes' expf polynomial: x = n ln2 + r with |r| <= ln2 / 2, then
  * 2^n by vscalefps, which over- and underflows to inf and 0 as expf does; NaN stays NaN). A scalar expf call per
  * element was ~6 % of a default-model MLA block and ~4 % of its MoE block (the softmax and the SwiGLU). */
