@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,19 +33,24 @@ NAIVE_CHUNK_ROWS = 64
 BLOCK_ROWS = 32
 
 
+@dataclass
+class FusedLatentCache(LatentCache):
+    """A LatentCache whose layer i has one buffer [slots, max_len, r + dr], `kv[i]` and `pe[i]` views into it. The
+    buffers are kept here rather than found as the views' `_base`: views made under torch.inference_mode() have none,
+    and an engine made there ran every decode step op by op."""
+
+    buffers: list[torch.Tensor] = field(default_factory=list)
+
+
 def new_fused_cache(layers: int, slots: int, max_len: int, r: int, dr: int, dtype: torch.dtype,
-                    device: torch.device) -> LatentCache:
+                    device: torch.device) -> FusedLatentCache:
     bufs = [torch.zeros(slots, max_len, r + dr, dtype=dtype, device=device) for _ in range(layers)]
-    return LatentCache([b[..., :r] for b in bufs], [b[..., r:] for b in bufs])
+    return FusedLatentCache([b[..., :r] for b in bufs], [b[..., r:] for b in bufs], bufs)
 
 
 def _fused_base(cache: LatentCache, layer: int) -> torch.Tensor | None:
     """The layer's [slots, max_len, r + dr] buffer when its kv / pe are views of one (`new_fused_cache`), else None."""
-    kv, pe = cache.kv[layer], cache.pe[layer]
-    base = kv._base
-    if base is not None and pe._base is base and base.shape[-1] == kv.shape[-1] + pe.shape[-1]:
-        return base
-    return None
+    return cache.buffers[layer] if isinstance(cache, FusedLatentCache) else None
 
 
 def _keys(cache: LatentCache, layer: int, slot: int, length: int) -> torch.Tensor:
@@ -248,12 +254,14 @@ def _step_spans(batch: AttnBatch) -> tuple[torch.Tensor, bool]:
 def _layer_args(aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int) -> ctypes._Pointer | None:
     """A pointer to the layer's `_BlockArgs` with this cache's buffer in it (re-pointed when the cache is another
     one); None where the C block does not apply (see `_block_args`, or a cache that is not one fused fp32 buffer)."""
-    got = aw.kv_a.meta.get(_CACHE_KEY)
-    if got is not None and got[0]() is cache.kv[layer]._base and got[1] is spec:
-        return got[2]
     base = _fused_base(cache, layer)
+    if base is None:
+        return None
+    got = aw.kv_a.meta.get(_CACHE_KEY)
+    if got is not None and got[0]() is base and got[1] is spec:
+        return got[2]
     args = _block_args(aw, spec)
-    if (args is None or base is None or base.dtype != torch.float32 or not base.is_contiguous()
+    if (args is None or base.dtype != torch.float32 or not base.is_contiguous()
             or base.shape[-1] != spec.r + spec.dr):
         return None
     args.cache, args.max_len = base.data_ptr(), base.shape[1]
