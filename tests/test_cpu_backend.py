@@ -319,11 +319,21 @@ def test_decode_equals_prefill_and_batch_equals_single(dtype):
     assert k.capabilities.dtypes[0] == "int8"
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """torch's (and the C kernels') thread count for one test, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("op,dtype", [("mla_block", "int8"), ("moe_block", "int8"), ("moe_block", "int4")])
-def test_block_in_one_call_is_the_op_by_op_path(op, dtype):
+def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
     """Decode, verify and MTP steps of several sequences run each MLA / MoE block as one C call: the same outputs
     and cache, bit for bit, as composing the backend's own ops (the reference Kernels.mla_block / moe_block over
-    them). (At int4 the default model's q_b and o do not tile, so its MLA blocks compose; conformance's mla_block
+    them). With 2 threads the default model's blocks of 2+ rows give each thread rows of its own (native/team.h).
+    (At int4 the default model's q_b and o do not tile, so its MLA blocks compose; conformance's mla_block
     cases tile at int4.)"""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")

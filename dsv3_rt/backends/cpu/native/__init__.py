@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("int8_tiles.c", "int4_tiles.c", "mlp.c", "ops.c", "mla_block.c", "moe_block.c"))
-HEADERS = (Path(__file__).with_name("vmath.h"),)
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("vmath.h", "team.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _reason: str | None = None

@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "team.h"
+
 void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k);
 void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long *ms, long k, const void *const *data,
                         const void *const *scale, const long *ns, float *const *ys);
@@ -42,81 +44,137 @@ typedef struct {
 } block_args;
 
 static void project(const tiled *w, const float *x, float *y, long m) {
-    dsv3_tiles_matmul(w->bits, x, w->data, w->scale, y, m, w->n, w->k);
+    if (m > 0) dsv3_tiles_matmul(w->bits, x, w->data, w->scale, y, m, w->n, w->k);
+}
+
+/* One call's inputs and buffers, shared by the threads that split its rows. */
+typedef struct {
+    const block_args *a;
+    const float *h, *residual, *norm;
+    float *stream;
+    const int64_t *positions;
+    const long *spans, *att;  /* att [count][4]: the query rows' spans (slot, start, query row offset, rows) */
+    long t, m, count;
+    int last_only;
+    float *x, *xm, *kv, *q, *qa, *q_nope, *pe, *q_pe, *out;
+    int64_t *pos;
+} mla_call;
+
+/* The block for cache rows [c0, c1) (of t: every row enters the cache) and query rows [q0, q1) (of m: the rows that go
+ * on through attention). Called by every thread of a team with its share, or once with all rows; the barriers order
+ * the shares' writes (the normed rows a query row copies, the latents every later row attends to) before their reads,
+ * and outside a parallel region they do nothing. */
+static void block_rows(const mla_call *c, long c0, long c1, long q0, long q1) {
+    const block_args *a = c->a;
+    const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, width = r + dr, qw = dn + dr, d = a->kv_a.k;
+    const long lora = a->q_a.data ? a->q_a.n : 0, m = c->m;
+    if (c->residual)
+        dsv3_add_rms_norm(c->h + c0 * d, c->residual + c0 * d, c->norm, c->x + c0 * d, c->stream + c0 * d, c1 - c0, d, a->eps);
+    else
+        dsv3_rms_norm(c->h + c0 * d, c->norm, c->x + c0 * d, c1 - c0, d, a->eps);
+    #pragma omp barrier
+    for (long s = 0; s < c->count; s++) {  /* the query rows: all rows, or each sequence's last */
+        const long at = c->att[4 * s + 2], rows = c->att[4 * s + 3];
+        const long first = c->last_only ? c->spans[4 * s + 2] + c->spans[4 * s + 3] - 1 : at;
+        for (long i = at > q0 ? at : q0; i < at + rows && i < q1; i++)
+            memcpy(c->xm + i * d, c->x + (first + i - at) * d, d * sizeof(float));
+    }
+    float *kv = c->kv + c0 * width, *qa = c->qa + q0 * lora;
+    if (lora && a->q_a.bits == a->kv_a.bits && c1 > c0 && q1 > q0) {  /* both read x: one pass of the thread team */
+        const float *xs[2] = { c->x + c0 * d, c->xm + q0 * d };
+        const void *data[2] = { a->kv_a.data, a->q_a.data }, *scale[2] = { a->kv_a.scale, a->q_a.scale };
+        const long ms[2] = { c1 - c0, q1 - q0 }, ns[2] = { a->kv_a.n, lora };
+        float *ys[2] = { kv, qa };
+        dsv3_tiles_matmuls(a->kv_a.bits, 2, xs, ms, d, data, scale, ns, ys);
+    } else {
+        project(&a->kv_a, c->x + c0 * d, kv, c1 - c0);
+        if (lora) project(&a->q_a, c->xm + q0 * d, qa, q1 - q0);
+    }
+    for (long s = 0; s < c->count; s++) {  /* this step's latents and roped keys into the cache */
+        const long slot = c->spans[4 * s], start = c->spans[4 * s + 1], off = c->spans[4 * s + 2], n = c->spans[4 * s + 3];
+        for (long i = off > c0 ? off : c0; i < off + n && i < c1; i++) {
+            float *row = a->cache + (slot * a->max_len + start + i - off) * width;
+            const float *src = c->kv + i * width;
+            dsv3_rms_norm(src, a->kv_a_norm, row, 1, r, a->eps);
+            dsv3_rope(src + r, c->positions + i, a->inv_freq, a->rope_factor, row + r, 1, 1, dr);
+        }
+    }
+    float *q = c->q + q0 * heads * qw;
+    if (lora) {
+        float *normed = c->qa + (m + q0) * lora;
+        dsv3_rms_norm(qa, a->q_a_norm, normed, q1 - q0, lora, a->eps);
+        project(&a->q_b, normed, q, q1 - q0);
+    } else {
+        project(&a->q_b, c->xm + q0 * d, q, q1 - q0);
+    }
+    /* split q [m, heads, dn + dr] into q_nope and the roped q_pe */
+    for (long i = q0 * heads; i < q1 * heads; i++) {
+        memcpy(c->q_nope + i * dn, c->q + i * qw, dn * sizeof(float));
+        memcpy(c->pe + i * dr, c->q + i * qw + dn, dr * sizeof(float));
+    }
+    dsv3_rope(c->pe + q0 * heads * dr, c->pos + q0, a->inv_freq, a->rope_factor, c->q_pe + q0 * heads * dr, q1 - q0, heads, dr);
+    #pragma omp barrier
+    float *heads_out = c->q;  /* [m, heads, dv] reuses q's buffer (dv <= dn + dr is checked by the caller) */
+    for (long s = 0; s < c->count; s++) {  /* each sequence's query rows in [q0, q1) */
+        const long slot = c->att[4 * s], start = c->att[4 * s + 1], at = c->att[4 * s + 2], rows = c->att[4 * s + 3];
+        const long lo = at > q0 ? at : q0, hi = at + rows < q1 ? at + rows : q1;
+        if (hi > lo)
+            dsv3_mla_absorbed(c->q_nope + lo * heads * dn, c->q_pe + lo * heads * dr, a->w_uk, a->uk_scale, a->w_uv_t,
+                              a->uv_scale, a->cache + slot * a->max_len * width, heads_out + lo * heads * a->dv, hi - lo,
+                              heads, dn, dr, r, a->dv, start + lo - at, a->softmax_scale);
+    }
+    project(&a->o, heads_out + q0 * heads * a->dv, c->out + q0 * a->o.n, q1 - q0);
 }
 
 /* The residual stream h [t, D] and residual (NULL in a first layer) -> out [t, o.n] (last_only: [count, o.n], each
  * sequence's last token; every token enters the cache) and stream = h + residual [t, D] (untouched without a
- * residual); norm [D] the block's pre-norm; positions [t]; spans [count][4] = (slot, start, row offset, length). */
+ * residual); norm [D] the block's pre-norm; positions [t]; spans [count][4] = (slot, start, row offset, length).
+ * Rows go to threads of their own where the block's products are small (team.h). */
 void dsv3_mla_block(const block_args *a, const float *h, const float *residual, const float *norm, float *stream,
                     const int64_t *positions, long t, const long *spans, long count, int last_only, float *out) {
-    const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, width = r + dr, qw = dn + dr, d = a->kv_a.k;
+    const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, qw = dn + dr, d = a->kv_a.k;
     const long m = last_only ? count : t, lora = a->q_a.data ? a->q_a.n : 0;
-    float *x = malloc(t * d * sizeof(float));
-    if (residual)
-        dsv3_add_rms_norm(h, residual, norm, x, stream, t, d, a->eps);
-    else
-        dsv3_rms_norm(h, norm, x, t, d, a->eps);
-    /* the rows that go on past the cache (xm, their positions, their spans): all of them, or each sequence's last */
-    float *xm = malloc(m * d * sizeof(float));
     int64_t *pos = malloc(m * sizeof(int64_t));
     long *att = malloc(4 * count * sizeof(long));
-    for (long s = 0; s < count; s++) {
+    for (long s = 0; s < count; s++) {  /* the rows that go on past the cache: their positions and spans */
         const long slot = spans[4 * s], start = spans[4 * s + 1], off = spans[4 * s + 2], n = spans[4 * s + 3];
         const long first = last_only ? off + n - 1 : off, rows = last_only ? 1 : n, at = last_only ? s : off;
-        memcpy(xm + at * d, x + first * d, rows * d * sizeof(float));
         memcpy(pos + at, positions + first, rows * sizeof(int64_t));
         const long span[4] = { slot, start + n - rows, at, rows };
         memcpy(att + 4 * s, span, sizeof span);
     }
-    float *kv = malloc(t * width * sizeof(float)), *q = malloc(m * heads * qw * sizeof(float));
-    float *qa = malloc(2 * m * lora * sizeof(float) + 1);
-    if (lora && a->q_a.bits == a->kv_a.bits) {  /* both read x: one pass of the thread team */
-        const float *xs[2] = { x, xm };
-        const void *data[2] = { a->kv_a.data, a->q_a.data }, *scale[2] = { a->kv_a.scale, a->q_a.scale };
-        const long ms[2] = { t, m }, ns[2] = { a->kv_a.n, lora };
-        float *ys[2] = { kv, qa };
-        dsv3_tiles_matmuls(a->kv_a.bits, 2, xs, ms, d, data, scale, ns, ys);
-    } else {
-        project(&a->kv_a, x, kv, t);
-        if (lora) project(&a->q_a, xm, qa, m);
-    }
-    for (long s = 0; s < count; s++) {  /* this step's latents and roped keys into the cache */
-        const long slot = spans[4 * s], start = spans[4 * s + 1], off = spans[4 * s + 2], n = spans[4 * s + 3];
-        for (long i = 0; i < n; i++) {
-            float *row = a->cache + (slot * a->max_len + start + i) * width;
-            const float *src = kv + (off + i) * width;
-            dsv3_rms_norm(src, a->kv_a_norm, row, 1, r, a->eps);
-            dsv3_rope(src + r, positions + off + i, a->inv_freq, a->rope_factor, row + r, 1, 1, dr);
+    mla_call c = { a, h, residual, norm, stream, positions, spans, att, t, m, count, last_only };
+    c.x = malloc(t * d * sizeof(float));
+    c.xm = malloc(m * d * sizeof(float));
+    c.kv = malloc(t * (r + dr) * sizeof(float));
+    c.q = malloc(m * heads * qw * sizeof(float));
+    c.qa = malloc(2 * m * lora * sizeof(float) + 1);
+    c.q_nope = malloc(m * heads * (dn + 2 * dr) * sizeof(float));
+    c.pe = c.q_nope + m * heads * dn;
+    c.q_pe = c.pe + m * heads * dr;
+    c.out = out;
+    c.pos = pos;
+    long row_work = (a->kv_a.n + lora) * d;  /* the block's products at one row, the latent cache's rows aside */
+    const long per_row[3] = { a->q_b.n * a->q_b.k, a->o.n * a->o.k, heads * (dn * r + r * a->dv) };
+    for (int i = 0; i < 3; i++) row_work = per_row[i] > row_work ? per_row[i] : row_work;
+    if (dsv3_split_rows(t, row_work)) {
+        #pragma omp parallel
+        {
+            const long id = omp_get_thread_num(), threads = omp_get_num_threads();
+            long c0, c1, q0, q1;
+            dsv3_share(t, id, threads, &c0, &c1);
+            dsv3_share(m, id, threads, &q0, &q1);
+            block_rows(&c, c0, c1, q0, q1);
         }
-    }
-    if (lora) {
-        dsv3_rms_norm(qa, a->q_a_norm, qa + m * lora, m, lora, a->eps);
-        project(&a->q_b, qa + m * lora, q, m);
     } else {
-        project(&a->q_b, xm, q, m);
+        block_rows(&c, 0, t, 0, m);
     }
-    /* split q [m, heads, dn + dr] into q_nope and the roped q_pe */
-    float *q_nope = malloc(m * heads * (dn + 2 * dr) * sizeof(float)), *pe = q_nope + m * heads * dn, *q_pe = pe + m * heads * dr;
-    for (long i = 0; i < m * heads; i++) {
-        memcpy(q_nope + i * dn, q + i * qw, dn * sizeof(float));
-        memcpy(pe + i * dr, q + i * qw + dn, dr * sizeof(float));
-    }
-    dsv3_rope(pe, pos, a->inv_freq, a->rope_factor, q_pe, m, heads, dr);
-    float *heads_out = q;  /* [m, heads, dv] reuses q's buffer (dv <= dn + dr is checked by the caller) */
-    for (long s = 0; s < count; s++) {
-        const long slot = att[4 * s], start = att[4 * s + 1], off = att[4 * s + 2], n = att[4 * s + 3];
-        dsv3_mla_absorbed(q_nope + off * heads * dn, q_pe + off * heads * dr, a->w_uk, a->uk_scale, a->w_uv_t,
-                          a->uv_scale, a->cache + slot * a->max_len * width, heads_out + off * heads * a->dv, n, heads,
-                          dn, dr, r, a->dv, start, a->softmax_scale);
-    }
-    project(&a->o, heads_out, out, m);
-    free(q_nope);
-    free(qa);
-    free(q);
-    free(kv);
+    free(c.q_nope);
+    free(c.qa);
+    free(c.q);
+    free(c.kv);
+    free(c.xm);
+    free(c.x);
     free(att);
     free(pos);
-    free(xm);
-    free(x);
 }

@@ -6,11 +6,11 @@
  * every selected expert share one pass of the thread team, and so do their down products: two team entries
  * per layer instead of three per expert.
  */
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "team.h"
 #include "vmath.h"
 
 void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
@@ -92,11 +92,7 @@ static void run(int bits, product *ps, long count) {
         }
 #endif
     }
-    /* A thread team pays only when one thread would take well beyond its start and barrier: 256K multiply-adds
-     * (a 256 KiB int8 weight) take a core ~5 us. Smaller products (a tiny model's, an MTP draft's) stay on the
-     * calling thread: on a shared 2-vCPU VM the barrier waited for a descheduled sibling, and the team made a
-     * 2-token verify of the default model cost 1.3x a 1-token step instead of 1.15x (min of 60 blocks). */
-    if (work < 262144) {
+    if (work < DSV3_TEAM_WORK) {  /* see team.h */
         blocks(bits, ps, 0, total);
     } else {
         #pragma omp parallel

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "team.h"
+
 void dsv3_moe_route(const float *x, const float *gate, const float *bias, long t, long d, long e, long top_k,
                     long n_group, long topk_group, int scoring, int group_score, int normalize, float scaling,
                     float *weights, int64_t *ids);
@@ -32,10 +34,9 @@ typedef struct {
     const void *shared_gate, *shared_gate_scale, *shared_up, *shared_up_scale, *shared_down, *shared_down_scale;
 } moe_args;
 
-/* The residual stream h, residual [t, d] -> out [t, d], this rank's part (the caller's all_reduce sums the ranks),
- * and stream = h + residual; norm [d] the block's pre-norm. */
-void dsv3_moe_block(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
-                    float *stream, long t, float *out) {
+/* The block over rows of h, residual, stream and out [t, d]. */
+static void block_rows(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
+                       float *stream, long t, float *out) {
     const long d = a->d;
     float *x = malloc(t * d * sizeof(float));
     dsv3_add_rms_norm(h, residual, norm, x, stream, t, d, eps);
@@ -54,4 +55,24 @@ void dsv3_moe_block(const moe_args *a, const float *h, const float *residual, co
     free(ids);
     free(weights);
     free(x);
+}
+
+/* The residual stream h, residual [t, d] -> out [t, d], this rank's part (the caller's all_reduce sums the ranks),
+ * and stream = h + residual; norm [d] the block's pre-norm. Rows go to threads of their own where the block's
+ * products are small (team.h): a row's largest pass is the gate and up products of its routed experts, or of the
+ * shared expert. */
+void dsv3_moe_block(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
+                    float *stream, long t, float *out) {
+    const long d = a->d, routed = a->top_k * a->inter;
+    if (!dsv3_split_rows(t, 2 * d * (routed > a->shared_inter ? routed : a->shared_inter))) {
+        block_rows(a, h, residual, norm, eps, stream, t, out);
+        return;
+    }
+    #pragma omp parallel
+    {
+        long r0, r1;
+        dsv3_share(t, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+        if (r1 > r0)
+            block_rows(a, h + r0 * d, residual + r0 * d, norm, eps, stream + r0 * d, r1 - r0, out + r0 * d);
+    }
 }

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "team.h"
 #include "vmath.h"
 
 static float rms_scale(const float *x, long d, float eps) {
@@ -288,7 +289,7 @@ void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const void *w_uk,
     const long items = n * ((heads + HEAD_BLOCK - 1) / HEAD_BLOCK);
     /* per token and head: the two weight products (dn x r, r x dv) and the scores and sums over the context;
      * the weights alone are 2 MiB a layer at DeepSeek's shapes, worth both threads even for a short context */
-    if (n * heads * (dn * r + r * dv + 2 * (start + n) * (r + dr)) < 262144) {
+    if (n * heads * (dn * r + r * dv + 2 * (start + n) * (r + dr)) < DSV3_TEAM_WORK) {
         for (long t = 0; t < items; t++) mla_item(&m, t);
     } else {
         #pragma omp parallel for schedule(static)
