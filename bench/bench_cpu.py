@@ -4,7 +4,7 @@ Not a test. Loads the `bench` preset's random weights (~1.1B params, DeepSeek-V3
 once as an HF checkpoint (BF16, plus an FP8 block-scaled copy as DeepSeek ships) and as GGUF (F16, Q8_0,
 Q4_K_M), then runs each engine in its own subprocess with the same thread count and reports batch-1 decode
 tok/s (median of several runs after warm-up), prefill tok/s at 128 and 1024 tokens, peak RSS, load time and
-the decode roofline (weight bytes read per token / measured read bandwidth).
+the decode roofline (weight bytes read per token / the read bandwidth measured around each decode run).
 
     python bench/bench_cpu.py            # full run, writes bench/results/cpu-<date>.json and .txt
     python bench/bench_cpu.py --quick    # fewer runs, no 1024-token prefill
@@ -56,20 +56,30 @@ def _timed_runs(fn, runs: int) -> list[float]:  # noqa: ANN001
     return out
 
 
-def worker_bandwidth(args: argparse.Namespace) -> dict:
+def probed_decode(decode_run, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    """args.runs decode runs, each between two reads of a bw_bytes buffer (`torch.sum` with the engines' thread count,
+    on huge pages as the cpu backend keeps its weights): each run's tok/s and the read bandwidth around it (the mean
+    of the two reads, GB/s). This VM's bandwidth moves between ~31 and ~60 GB/s within seconds; measured in another
+    process before an engine loaded, it put the same int8 decode anywhere between 50 and 78 % of it. Called after
+    the peak RSS is taken: the buffer is not the engine's memory."""
     import torch
 
     from dsv3_rt.backends.cpu.formats import weight_buffer
 
     torch.set_num_threads(args.threads)
-    out = {"bytes": args.bw_bytes}
-    # on 4 KiB pages and on huge pages (as the cpu backend keeps its weights): the roofline uses the faster
-    for label, t in (("4k_pages", torch.ones(args.bw_bytes // 4)), ("huge_pages", weight_buffer((args.bw_bytes // 4,), torch.float32).fill_(1))):
-        t.sum()
-        out[f"read_gbps_{label}"] = args.bw_bytes / statistics.median(_timed_runs(t.sum, 7)) / 1e9
-        del t
-    out["read_gbps"] = max(out["read_gbps_4k_pages"], out["read_gbps_huge_pages"])
-    return out
+    buf = weight_buffer((args.bw_bytes // 4,), torch.float32).fill_(1)
+
+    def read_gbps() -> float:
+        return args.bw_bytes / _timed_runs(buf.sum, 1)[0] / 1e9
+
+    read_gbps()  # warm-up
+    rates, bandwidth, before = [], [], read_gbps()
+    for _ in range(args.runs):
+        rates.append(decode_run())
+        after = read_gbps()
+        bandwidth.append((before + after) / 2)
+        before = after
+    return {"decode_tok_s": statistics.median(rates), "decode_runs": rates, "read_gbps_runs": bandwidth}
 
 
 def worker_dsv3(args: argparse.Namespace) -> dict:
@@ -107,10 +117,10 @@ def worker_dsv3(args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         decode_run()  # warm-up
         per_token = _dsv3_bytes_per_token(model)  # after it: the MLA copies decode reads are made on first use
-        decode = [decode_run() for _ in range(args.runs)]
         pre = {n: max(prefill(n) for _ in range(args.prefill_runs)) for n in args.prefill}
-    return {"load_s": load_s, "decode_tok_s": statistics.median(decode), "decode_runs": decode,
-            "prefill_tok_s": pre, "peak_rss_mib": _peak_rss_mib(), "weights_mib": weights_mib,
+        peak = _peak_rss_mib()
+        decode = probed_decode(decode_run, args)
+    return {"load_s": load_s, **decode, "prefill_tok_s": pre, "peak_rss_mib": peak, "weights_mib": weights_mib,
             "torch_base_rss_mib": base_rss, "bytes_per_token": per_token}
 
 
@@ -199,10 +209,11 @@ def worker_hf(args: argparse.Namespace) -> dict:
 
     with torch.inference_mode():
         decode_run()
-        decode = [decode_run() for _ in range(args.runs)]
         pre = {n: max(prefill(n) for _ in range(args.prefill_runs)) for n in args.prefill}
-    return {"load_s": load_s, "decode_tok_s": statistics.median(decode), "decode_runs": decode,
-            "prefill_tok_s": pre, "peak_rss_mib": _peak_rss_mib(), "weights_mib": weights_mib, "torch_base_rss_mib": base_rss}
+        peak = _peak_rss_mib()
+        decode = probed_decode(decode_run, args)
+    return {"load_s": load_s, **decode, "prefill_tok_s": pre, "peak_rss_mib": peak, "weights_mib": weights_mib,
+            "torch_base_rss_mib": base_rss}
 
 
 def worker_llama(args: argparse.Namespace) -> dict:
@@ -230,11 +241,10 @@ def worker_llama(args: argparse.Namespace) -> dict:
         return n / (time.perf_counter() - t)
 
     decode_run()
-    decode = [decode_run() for _ in range(args.runs)]
     pre = {n: max(prefill(n) for _ in range(args.prefill_runs)) for n in args.prefill}
-    return {"load_s": load_s, "decode_tok_s": statistics.median(decode), "decode_runs": decode,
-            "prefill_tok_s": pre, "peak_rss_mib": _peak_rss_mib(), "weights_mib": Path(args.gguf).stat().st_size / 2**20,
-            "bytes_per_token": _gguf_bytes_per_token(args.gguf)}
+    peak = _peak_rss_mib()  # before the bandwidth buffer and torch, which the probes bring
+    return {"load_s": load_s, **probed_decode(decode_run, args), "prefill_tok_s": pre, "peak_rss_mib": peak,
+            "weights_mib": Path(args.gguf).stat().st_size / 2**20, "bytes_per_token": _gguf_bytes_per_token(args.gguf)}
 
 
 def _gguf_bytes_per_token(path: str) -> float:
@@ -260,7 +270,7 @@ def _gguf_bytes_per_token(path: str) -> float:
     return total
 
 
-WORKERS = {"bandwidth": worker_bandwidth, "dsv3": worker_dsv3, "hf": worker_hf, "llama": worker_llama}
+WORKERS = {"dsv3": worker_dsv3, "hf": worker_hf, "llama": worker_llama}
 
 
 # --- artifacts ---------------------------------------------------------------------------------------------------
@@ -444,10 +454,11 @@ def merge_rounds(runs: list[dict]) -> dict:
     merged["prefill_tok_s"] = {n: statistics.median(r["prefill_tok_s"][n] for r in runs) for n in runs[0]["prefill_tok_s"]}
     merged["load_s"] = statistics.median(r["load_s"] for r in runs)
     merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-    if merged.get("bytes_per_token") and all(r.get("read_gbps") for r in runs):
-        # each round's decode against the bandwidth measured just before it: a shared host's drifts by 1.5x in minutes
-        ceilings = [r["read_gbps"] * 1e9 / r["bytes_per_token"] for r in runs]
-        merged["roofline"] = statistics.median(r["decode_tok_s"] / c for r, c in zip(runs, ceilings))
+    merged["read_gbps_runs"] = [g for r in runs for g in r["read_gbps_runs"]]
+    if merged.get("bytes_per_token"):  # each decode run against the bandwidth read around it
+        ceilings = [g * 1e9 / merged["bytes_per_token"] for g in merged["read_gbps_runs"]]
+        rates = [d for r in runs for d in r["decode_runs"]]
+        merged["roofline"] = statistics.median(d / c for d, c in zip(rates, ceilings))
         merged["roofline_tok_s"] = statistics.median(ceilings)
     return merged
 
@@ -484,23 +495,21 @@ def main() -> int:
     load_before = _load_note()
     todo = engines(args, args.cache_dir)
     rounds: dict[str, list[dict]] = {}
-    bws: list[dict] = []
-    for r in range(args.rounds):  # engines interleaved round by round: a shared host's bandwidth drifts
+    for r in range(args.rounds):  # engines interleaved round by round
         print(f"round {r + 1}/{args.rounds}: {_load_note()}", flush=True)
         for label, kind, extra in todo:
-            bws.append(run_worker("bandwidth", args, []))  # the roofline of the engine run right after it
-            read_gbps = bws[-1].get("read_gbps")  # None when the measurement failed: no roofline then
             if label.startswith("dsv3-rt reference"):  # fp32 reference kernels: minutes per prefill; decode only
                 extra = extra + ["--prefill", "128"]
             res = run_worker(kind, args, extra)
             if kind == "llama" and "error" in res:  # llama.cpp's AMX weight buffers abort on deepseek2 (see open_llama)
                 res = {**run_worker(kind, args, extra + ["--no-extra-buffers"]), "note": f"no extra buffers ({res['error'][:80]})"}
-            res["read_gbps"] = read_gbps
             rounds.setdefault(label, []).append(res)
-            print(f"  {label} (read bandwidth {read_gbps or float('nan'):.1f} GB/s): " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s, "
-                  f"prefill {res['prefill_tok_s']}, rss {res['peak_rss_mib']:.0f} MiB, load {res['load_s']:.1f} s"), flush=True)
+            print(f"  {label}: " + (res["error"] if "error" in res else f"decode {res['decode_tok_s']:.2f} tok/s (read bandwidth "
+                  f"{statistics.median(res['read_gbps_runs']):.1f} GB/s), prefill {res['prefill_tok_s']}, rss "
+                  f"{res['peak_rss_mib']:.0f} MiB, load {res['load_s']:.1f} s"), flush=True)
     results = {label: merge_rounds(rs) for label, rs in rounds.items()}
-    bw = {"read_gbps": statistics.median(b.get("read_gbps", float("nan")) for b in bws), "runs": bws}
+    probes = [g for res in results.values() for g in res.get("read_gbps_runs", [])]
+    bw = {"read_gbps": statistics.median(probes) if probes else float("nan"), "probes": probes}
     bw_gbps = bw["read_gbps"]
     text = table(results, args.prefill)
     tgt = targets(results)
@@ -510,9 +519,9 @@ def main() -> int:
     spread = "".join(f"\n  {label}: decode per round {', '.join(f'{d:.1f}' for d in r['decode_rounds'])} tok/s"
                      for label, r in results.items() if len(r.get("decode_rounds", [])) > 1)
     spread += "".join(f"\n  {label}: {r['note']}" for label, r in results.items() if "note" in r)
-    per_run = ", ".join(f"{b.get('read_gbps', float('nan')):.1f}" for b in bws)
-    report = (f"{machine}\nread bandwidth {bw_gbps:.1f} GB/s (median of {len(bws)} measurements, one before each engine "
-              f"run: {per_run}); "
+    spread_bw = f"{min(probes):.1f}-{max(probes):.1f}" if probes else "-"
+    report = (f"{machine}\nread bandwidth {bw_gbps:.1f} GB/s (median of the {len(probes)} reads of {args.bw_bytes >> 20} MiB "
+              f"around the decode runs, in each engine's process; {spread_bw}); "
               f"before: {load_before}; after: {_load_note()}{spread}\n\n{text}\n\nTargets:\n{tgt_text}\n")
     print("\n" + report)
     RESULTS.mkdir(exist_ok=True)
