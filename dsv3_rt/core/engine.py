@@ -40,6 +40,17 @@ class Sequence:
         return self.prompt + self.generated
 
     @property
+    def length(self) -> int:
+        """len(tokens), without building the list."""
+        return len(self.prompt) + len(self.generated)
+
+    def token_slice(self, start: int, stop: int | None = None) -> list[int]:
+        """tokens[start:stop] for 0 <= start <= stop, without copying the whole prompt + generated list (a step
+        reads a few tokens of a sequence; a copy of all of them per read made each step O(context))."""
+        p, stop = len(self.prompt), self.length if stop is None else stop
+        return self.prompt[start:min(stop, p)] + self.generated[max(start - p, 0):max(stop - p, 0)]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -107,7 +118,7 @@ class Engine:
         seqs = list(self.running)
         chunks = []
         for seq in seqs:
-            todo = seq.tokens[seq.cached:]
+            todo = seq.token_slice(seq.cached)
             if self.prefill_chunk and len(todo) > self.prefill_chunk:
                 todo = todo[: self.prefill_chunk]
             chunks.append(todo + seq.drafts)
@@ -118,7 +129,7 @@ class Engine:
         hidden = self.graph.forward(ids, batch, self.cache)
         offsets = [end - len(c) + 1 for end, c in zip(batch.last_token_rows, chunks)]
         # sequences whose every known token is now cached get new tokens: one row each, k + 1 with drafts
-        ready = [i for i, s in enumerate(seqs) if starts[i] + len(chunks[i]) - len(s.drafts) == len(s.tokens)]
+        ready = [i for i, s in enumerate(seqs) if starts[i] + len(chunks[i]) - len(s.drafts) == s.length]
         for i, s in enumerate(seqs):
             s.cached = starts[i] + len(chunks[i]) - len(s.drafts)
         out: list[tuple[Sequence, int]] = []
@@ -174,14 +185,14 @@ class Engine:
         for i in live:
             s = seqs[i]  # MTP position p pairs the main hidden at p with the token at p + 1
             rows += [offsets[i] + p - starts[i] for p in range(s.mtp_cached, s.cached)]
-            next_ids += s.tokens[s.mtp_cached + 1: s.cached + 1]
+            next_ids += s.token_slice(s.mtp_cached + 1, s.cached + 1)
             lengths.append(s.cached - s.mtp_cached)
         batch = AttnBatch.build([seqs[i].slot for i in live], [seqs[i].mtp_cached for i in live], lengths, dev)
         h, normed = self.graph.mtp(0, take_rows(hidden, rows),
                                    torch.tensor(next_ids, dtype=torch.int64, device=dev), batch, self.cache)
         for i in live:
             seqs[i].mtp_cached = seqs[i].cached
-        drafting = [(j, seqs[i]) for j, i in enumerate(live) if seqs[i].cached == len(seqs[i].tokens) - 1 and self._draft_len(seqs[i]) > 0]
+        drafting = [(j, seqs[i]) for j, i in enumerate(live) if seqs[i].cached == seqs[i].length - 1 and self._draft_len(seqs[i]) > 0]
         picked = [j for j, _ in drafting]  # h, normed: one row per live sequence (its last position)
         group = [s for _, s in drafting]
         h, normed = take_rows(h, picked), take_rows(normed, picked)
@@ -210,7 +221,7 @@ class Engine:
 
     def _draft_len(self, s: Sequence) -> int:
         """Drafts to verify next step: at most mtp, never past max_new_tokens or the context."""
-        return max(0, min(self.mtp, s.params.max_new_tokens - len(s.generated) - 1, self.max_len - len(s.tokens)))
+        return max(0, min(self.mtp, s.params.max_new_tokens - len(s.generated) - 1, self.max_len - s.length))
 
     def _params(self, seqs: list[Sequence], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         temp = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev)
@@ -226,7 +237,7 @@ class Engine:
         tok = seq.generated[-1]
         if (tok in self.eos and not seq.params.ignore_eos) or tok in seq.params.stop_ids:
             self._finish(seq, "stop")
-        elif len(seq.generated) >= seq.params.max_new_tokens or len(seq.tokens) >= self.max_len:
+        elif len(seq.generated) >= seq.params.max_new_tokens or seq.length >= self.max_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
