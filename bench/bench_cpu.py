@@ -445,7 +445,8 @@ def table(results: dict[str, dict], prefill: list[int]) -> str:
 
 
 def merge_rounds(runs: list[dict]) -> dict:
-    """One engine's result over rounds: medians of decode, prefill and load, the largest peak RSS."""
+    """One engine's result over rounds: medians of decode, prefill and load, the largest peak RSS; the roofline is the
+    median over every decode run of its rate against the bandwidth read around it."""
     if any("error" in r for r in runs):
         return next(r for r in runs if "error" in r)
     merged = dict(runs[0])
@@ -454,11 +455,11 @@ def merge_rounds(runs: list[dict]) -> dict:
     merged["prefill_tok_s"] = {n: statistics.median(r["prefill_tok_s"][n] for r in runs) for n in runs[0]["prefill_tok_s"]}
     merged["load_s"] = statistics.median(r["load_s"] for r in runs)
     merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    merged["decode_runs"] = [d for r in runs for d in r["decode_runs"]]
     merged["read_gbps_runs"] = [g for r in runs for g in r["read_gbps_runs"]]
     if merged.get("bytes_per_token"):  # each decode run against the bandwidth read around it
         ceilings = [g * 1e9 / merged["bytes_per_token"] for g in merged["read_gbps_runs"]]
-        rates = [d for r in runs for d in r["decode_runs"]]
-        merged["roofline"] = statistics.median(d / c for d, c in zip(rates, ceilings))
+        merged["roofline"] = statistics.median(d / c for d, c in zip(merged["decode_runs"], ceilings))
         merged["roofline_tok_s"] = statistics.median(ceilings)
     return merged
 
