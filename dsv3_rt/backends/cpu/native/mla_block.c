@@ -154,7 +154,7 @@ void dsv3_mla_block(const block_args *a, const float *h, const float *residual, 
     c.q_pe = c.pe + m * heads * dr;
     c.out = out;
     c.pos = pos;
-    long row_work = (a->kv_a.n + lora) * d;  /* the block's products at one row, the latent cache's rows aside */
+    long row_work = (a->kv_a.n + lora) * d;  /* the largest pass of one row: kv_a with q_a, q_b, o, attention */
     const long per_row[3] = { a->q_b.n * a->q_b.k, a->o.n * a->o.k, heads * (dn * r + r * a->dv) };
     for (int i = 0; i < 3; i++) row_work = per_row[i] > row_work ? per_row[i] : row_work;
     if (dsv3_split_rows(t, row_work)) {
