@@ -510,8 +510,7 @@ def main() -> int:
                   f"{res['peak_rss_mib']:.0f} MiB, load {res['load_s']:.1f} s"), flush=True)
     results = {label: merge_rounds(rs) for label, rs in rounds.items()}
     probes = [g for res in results.values() for g in res.get("read_gbps_runs", [])]
-    bw = {"read_gbps": statistics.median(probes) if probes else float("nan"), "probes": probes}
-    bw_gbps = bw["read_gbps"]
+    bw_gbps = statistics.median(probes) if probes else float("nan")  # each engine's reads are in its results
     text = table(results, args.prefill)
     tgt = targets(results)
     tgt_text = "\n".join(f"[{'PASS' if ok else 'FAIL' if ok is not None else 'n/a '}] {name}: {value}" for name, value, ok in tgt)
@@ -527,7 +526,7 @@ def main() -> int:
     print("\n" + report)
     RESULTS.mkdir(exist_ok=True)
     stem = args.out or RESULTS / f"cpu-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M')}"
-    Path(f"{stem}.json").write_text(json.dumps({"machine": machine, "threads": args.threads, "bandwidth": bw,
+    Path(f"{stem}.json").write_text(json.dumps({"machine": machine, "threads": args.threads, "bandwidth": {"read_gbps": bw_gbps},
                                                 "load_before": load_before, "load_after": _load_note(), "quick": args.quick,
                                                 "results": results, "targets": [{"name": n, "value": v, "pass": ok} for n, v, ok in tgt]},
                                                indent=1))

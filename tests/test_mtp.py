@@ -7,7 +7,7 @@ import torch
 import dsv3_rt
 from dsv3_rt.core.checkpoint import RandomSource
 from dsv3_rt.core.config import ModelConfig
-from dsv3_rt.core.engine import Engine
+from dsv3_rt.core.engine import Engine, Sequence
 from dsv3_rt.core.kernels import Kernels
 from dsv3_rt.core.plugins import registry
 from dsv3_rt.core.loader import WeightBuilder, expected_shapes
@@ -148,3 +148,14 @@ def test_sampled_distribution_matches_plain_sampling():
     chi2 = (((a - b) ** 2) / (a + b).clamp(min=1))[used].sum().item()
     dof = int(used.sum()) - 1
     assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)  # ~ the 99.99 % quantile
+
+
+def test_token_slice_is_a_slice_of_prompt_and_generated():
+    """The engine reads a sequence's tokens through token_slice and length (no copy of the whole context)."""
+    seq = Sequence([1, 2, 3], SamplingParams())
+    seq.generated = [7, 8]
+    assert seq.length == len(seq.tokens) == 5
+    for start in range(6):
+        assert seq.token_slice(start) == seq.tokens[start:]
+        for stop in range(start, 6):
+            assert seq.token_slice(start, stop) == seq.tokens[start:stop]
