@@ -11,18 +11,10 @@ import torch
 
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
-from dsv3_rt.core.kernels import AttentionWeights, Kernels, LatentCache, MLASpec, MLPWeights, MoEWeights, RouterSpec
+from dsv3_rt.core.kernels import Kernels, LatentCache, LayerWeights, MLASpec, RouterSpec
 from dsv3_rt.core.parallel import SINGLE, Parallel
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight
-
-
-@dataclass
-class LayerWeights:
-    attn_norm: torch.Tensor
-    attn: AttentionWeights
-    ffn_norm: torch.Tensor
-    ffn: MLPWeights | MoEWeights
 
 
 @dataclass
@@ -74,10 +66,7 @@ class DeepseekV3:
     # --- model ------------------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, batch: AttnBatch, cache: LatentCache) -> torch.Tensor:
         """ids [T] -> final-normed hidden [T, D]; appends every layer's latent to `cache`."""
-        h = self.embed(ids, self.w.embed)  # [T, D]
-        residual = None
-        for i, layer in enumerate(self.w.layers):
-            h, residual = self.decoder_layer(layer, i, h, residual, batch, cache)
+        h, residual = self.layers(self.w.layers, 0, self.embed(ids, self.w.embed), batch, cache)
         return self.k.add_rms_norm(h, residual, self.w.norm, self.cfg.rms_norm_eps)[0]
 
     def logits(self, hidden: torch.Tensor, head: Weight | None = None) -> torch.Tensor:
@@ -101,7 +90,7 @@ class DeepseekV3:
         x = torch.cat([self.k.rms_norm(e, m.enorm, self.cfg.rms_norm_eps),
                        self.k.rms_norm(hidden, m.hnorm, self.cfg.rms_norm_eps)], dim=-1)  # [T, 2D]
         x = self.k.linear(x, m.eh_proj)  # [T, D]
-        h, residual = self.decoder_layer(m.layer, len(self.w.layers) + depth, x, None, batch, cache, last_only=not every_position)
+        h, residual = self.layers([m.layer], len(self.w.layers) + depth, x, batch, cache, last_only=not every_position)
         normed, out = self.k.add_rms_norm(h, residual, m.norm, self.cfg.rms_norm_eps)
         return out, normed
 
@@ -114,20 +103,13 @@ class DeepseekV3:
         h = self.k.embedding(local.clamp(0, table.shape[0] - 1), table) * mine[:, None].to(self.k.compute_dtype)
         return self.k.all_reduce(h, self.par.tp_group)
 
-    def decoder_layer(self, lw: LayerWeights, index: int, h: torch.Tensor, residual: torch.Tensor | None,
-                      batch: AttnBatch, cache: LatentCache, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-norm block; returns (block output, residual stream before it): their sum is the new stream.
-        last_only: every token enters the cache, the outputs are those of each sequence's last token [B, D]."""
-        out, residual = self.k.mla_block(h, residual, lw.attn_norm, lw.attn, self.mla, cache, index, batch, last_only)
-        h = self.k.all_reduce(out, self.par.tp_group)
-        if isinstance(lw.ffn, MoEWeights):
-            out, residual = self.k.moe_block(h, residual, lw.ffn_norm, self.cfg.rms_norm_eps, lw.ffn, self.router)
-            return self.k.all_reduce(out, self.par.ep_group), residual
-        x, residual = self.k.add_rms_norm(h, residual, lw.ffn_norm, self.cfg.rms_norm_eps)
-        return self.mlp(lw.ffn, x), residual
-
-    def mlp(self, mw: MLPWeights, x: torch.Tensor) -> torch.Tensor:
-        return self.k.all_reduce(self.k.dense_mlp(x, mw.gate, mw.up, mw.down), self.par.tp_group)
+    def layers(self, layers: list[LayerWeights], first: int, h: torch.Tensor, batch: AttnBatch, cache: LatentCache,
+               last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm decoder layers (cache layers first ..) from the stream h; returns (last block output, residual
+        stream before it): their sum is the new stream. last_only: every token enters the cache, the outputs are
+        those of each sequence's last token [B, D]."""
+        return self.k.decoder_layers(h, None, layers, first, self.mla, self.router, self.cfg.rms_norm_eps, cache, batch,
+                                     self.par.tp_group, self.par.ep_group, last_only)
 
     def agree(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rank 0's sampled tokens on every rank (a broadcast as a sum), so all ranks feed the same stream."""

@@ -328,28 +328,35 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("op,dtype", [("mla_block", "int8"), ("moe_block", "int8"), ("moe_block", "int4")])
+@pytest.mark.parametrize("op,dtype", [("decoder_layers", "int8"), ("mla_block", "int8"), ("moe_block", "int8"),
+                                      ("moe_block", "int4")])
 def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
-    """Decode, verify and MTP steps of several sequences run each MLA / MoE block as one C call: the same outputs
-    and cache, bit for bit, as composing the backend's own ops (the reference Kernels.mla_block / moe_block over
-    them). With 2 threads the default model's blocks of 2+ rows give each thread rows of its own (native/team.h).
-    (At int4 the default model's q_b and o do not tile, so its MLA blocks compose; conformance's mla_block
-    cases tile at int4.)"""
+    """Decode, verify and MTP steps of several sequences run the whole stack of layers as one C call, and each MLA / MoE
+    block as one C call where the stack is not one: the same outputs and cache, bit for bit, as composing the
+    backend's own ops (the reference Kernels.decoder_layers / mla_block / moe_block over them). With 2 threads the
+    default model's blocks of 2+ rows give each thread rows of its own (native/team.h). (At int4 the default model's
+    q_b and o do not tile, so its MLA blocks, and with them its stack, compose; conformance's cases tile at int4.)"""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")
     if dtype == "int4" and not native.has_int4():
         pytest.skip("no AVX-512 VNNI: the 4-bit kernel is not built")
-    from dsv3_rt.backends.cpu import attention, moe
+    from dsv3_rt.backends.cpu import attention, layers, moe
     from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
 
     model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype=dtype, progress=False)
     g, k = model.graph, model.kernels
     steps = [([0], [0], [10]), ([1], [0], [6]), ([0, 1], [10, 6], [1, 1]), ([0, 1, 2], [11, 7, 0], [2, 1, 1])]
     ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+
+    def compose(name: str) -> None:  # the reference composite over this backend's other ops
+        setattr(k, name, lambda *a, _composite=getattr(Kernels, name), **kw: _composite(k, *a, **kw))
+
     runs = []
     for fused in (True, False):
-        if not fused:  # the composite over this backend's ops
-            setattr(k, op, lambda *a, _composite=getattr(Kernels, op), **kw: _composite(k, *a, **kw))
+        if op != "decoder_layers":
+            compose("decoder_layers")  # block by block
+        if not fused:
+            compose(op)
         cache, off, outs = g.new_cache(3, 32), 0, []
         for slots, starts, lengths in steps:
             batch = AttnBatch.build(slots, starts, lengths)
@@ -358,12 +365,20 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
             off += sum(lengths)
         runs.append((outs, [b.clone() for b in cache.buffers]))
         k.__dict__.pop(op, None)
+        k.__dict__.pop("decoder_layers", None)
     for got, want in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
         assert torch.equal(got, want)
     h, residual = torch.randn(2, model.config.hidden_size), torch.randn(2, model.config.hidden_size)
     lw, eps = g.w.layers[1], model.config.rms_norm_eps
-    if op == "mla_block":
-        decode, prompt = AttnBatch.build([0, 1], [12, 8], [1, 1]), AttnBatch.build([2], [0], [2])
+    decode, prompt = AttnBatch.build([0, 1], [12, 8], [1, 1]), AttnBatch.build([2], [0], [2])
+    if op == "decoder_layers":
+        cache, mtp_layer = g.new_cache(3, 32), [g.w.mtp[0].layer]
+        assert layers.decoder_layers(h, g.w.layers, 0, g.mla, g.router, eps, cache, decode) is not None  # the C call ran
+        assert layers.decoder_layers(h, g.w.layers, 0, g.mla, g.router, eps, cache, prompt) is None  # a fresh prompt composes
+        assert layers.decoder_layers(h, mtp_layer, len(g.w.layers), g.mla, g.router, eps, cache, prompt, last_only=True) is not None
+        many = torch.randn(16, h.shape[1])
+        assert layers.decoder_layers(many, g.w.layers, 0, g.mla, g.router, eps, cache, AttnBatch.build([0], [12], [16])) is None
+    elif op == "mla_block":
         for batch, runs_in_c in ((decode, True), (prompt, False)):  # a fresh prompt composes
             got = attention.mla_block(h, residual, lw.attn_norm, lw.attn, g.mla, g.new_cache(3, 32), 1, batch)
             assert (got is not None) == runs_in_c

@@ -20,7 +20,8 @@ import torch
 
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
-from dsv3_rt.core.kernels import DTYPES, AttentionWeights, ExpertWeights, Kernels, MLASpec, MLPWeights, MoEWeights, RouterSpec
+from dsv3_rt.core.kernels import (DTYPES, AttentionWeights, ExpertWeights, Kernels, LayerWeights, MLASpec, MLPWeights,
+                                  MoEWeights, RouterSpec)
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight, dense, fp8_weight, quantize_fp8_block
 
@@ -59,7 +60,8 @@ class OpCase:
     shape: str
     make: Callable[[torch.Generator, str], dict[str, Any]]  # (generator, dtype) -> raw inputs
     call: Callable[[Kernels, dict[str, Any]], list[torch.Tensor]]  # prepared inputs -> outputs
-    check: str = "close"  # "close" | "routing" | "sample" | "quant"
+    check: str = "close"  # "close" | "routing" | "sample" | "quant" | "layers" (close, at the whole-model tolerances:
+    #                       errors compound over layers)
     default_dtype: bool = False  # dtype-independent op: created with the backend's default dtype
 
     @property
@@ -323,40 +325,51 @@ case("store_latent", "then_attend_last_tokens", "tiny: prefill 12 | store 3 + 2 
 
 
 # --- a whole MLA block --------------------------------------------------------------------------------------
-def _mla_block(steps: list[tuple[list[int], list[int], list[int]]], q_lora: int | None):
-    """A block over steps (slots, starts, lengths) on one cache; D=128, H=2, dn=32, dr=16, dv=32, r=48: every
-    projection tiles for int8 and int4 (a backend may fuse those), and a first fresh prompt composes."""
+def _attention_inputs(g: torch.Generator, dtype: str, q_lora: int | None, prefix: str = "") -> dict[str, Any]:
+    """One layer's MLA weights (D=128, H=2, dn=32, dr=16, dv=32, r=48: every projection tiles for int8 and int4, so a
+    backend may fuse the block) and its pre-norm, under keys starting with prefix."""
     d, h, dn, dr, dv, r = 128, 2, 32, 16, 32, 48
+    a: dict[str, Any] = {"kv_a": W(checkpoint_weight(g, dtype, r + dr, d), "linear"), "kv_a_norm": Vec(1 + 0.1 * randn(g, r)),
+                         "kv_b": W(checkpoint_weight(g, dtype, h * (dn + dv), r), "mla_kv_b"),
+                         "o": W(checkpoint_weight(g, dtype, d, h * dv), "linear")}
+    if q_lora is None:
+        a["q"] = W(checkpoint_weight(g, dtype, h * (dn + dr), d), "linear")
+    else:
+        a["q_a"] = W(checkpoint_weight(g, dtype, q_lora, d), "linear")
+        a["q_a_norm"] = Vec(1 + 0.1 * randn(g, q_lora))
+        a["q_b"] = W(checkpoint_weight(g, dtype, h * (dn + dr), q_lora), "linear")
+    a["norm"] = Vec(1 + 0.1 * randn(g, d))
+    return {prefix + key: v for key, v in a.items()}
 
+
+def _attention_weights(a: dict[str, Any], prefix: str = "") -> AttentionWeights:
+    return AttentionWeights(*(a.get(prefix + key) for key in ("kv_a", "kv_a_norm", "kv_b", "o", "q", "q_a", "q_a_norm", "q_b")))
+
+
+def _block_spec(k: Kernels) -> MLASpec:
+    dn, dr, r, dv = 32, 16, 48, 32
+    return MLASpec(2, dn, dr, r, dv, 1e-6, (dn + dr) ** -0.5, k.prepare_tensor(1.0 / 10000 ** (torch.arange(0, dr, 2).float() / dr)), 1.0)
+
+
+def _mla_block(steps: list[tuple[list[int], list[int], list[int]]], q_lora: int | None):
+    """A block over steps (slots, starts, lengths) on one cache; a first fresh prompt composes."""
     def make(g, dtype):
-        a: dict[str, Any] = {"kv_a": W(checkpoint_weight(g, dtype, r + dr, d), "linear"), "kv_a_norm": Vec(1 + 0.1 * randn(g, r)),
-                             "kv_b": W(checkpoint_weight(g, dtype, h * (dn + dv), r), "mla_kv_b"),
-                             "o": W(checkpoint_weight(g, dtype, d, h * dv), "linear"),
-                             "inv_freq": Vec(1.0 / 10000 ** (torch.arange(0, dr, 2).float() / dr)),
-                             "spec": (h, dn, dr, r, dv), "batches": [AttnBatch.build(*step) for step in steps]}
-        if q_lora is None:
-            a["q"] = W(checkpoint_weight(g, dtype, h * (dn + dr), d), "linear")
-        else:
-            a["q_a"] = W(checkpoint_weight(g, dtype, q_lora, d), "linear")
-            a["q_a_norm"] = Vec(1 + 0.1 * randn(g, q_lora))
-            a["q_b"] = W(checkpoint_weight(g, dtype, h * (dn + dr), q_lora), "linear")
-        a["norm"] = Vec(1 + 0.1 * randn(g, d))
+        a = _attention_inputs(g, dtype, q_lora)
+        a["batches"] = [AttnBatch.build(*step) for step in steps]
         for i, (_, _, lengths) in enumerate(steps):  # the residual stream, unsummed; a first layer's has no residual
-            a[f"h{i}"] = Act(randn(g, sum(lengths), d))
+            a[f"h{i}"] = Act(randn(g, sum(lengths), 128))
             if i:
-                a[f"residual{i}"] = Act(randn(g, sum(lengths), d))
+                a[f"residual{i}"] = Act(randn(g, sum(lengths), 128))
         return a
 
     return make
 
 
 def _call_mla_block(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
-    h, dn, dr, r, dv = a["spec"]
-    aw = AttentionWeights(a["kv_a"], a["kv_a_norm"], a["kv_b"], a["o"], a.get("q"), a.get("q_a"), a.get("q_a_norm"), a.get("q_b"))
-    spec = MLASpec(h, dn, dr, r, dv, 1e-6, (dn + dr) ** -0.5, a["inv_freq"], 1.0)
-    cache = k.new_latent_cache(2, 4, 64, r, dr)
+    spec = _block_spec(k)
+    cache = k.new_latent_cache(2, 4, 64, spec.r, spec.dr)
     return [t for i, b in enumerate(a["batches"])
-            for t in k.mla_block(a[f"h{i}"], a.get(f"residual{i}"), a["norm"], aw, spec, cache, 1,
+            for t in k.mla_block(a[f"h{i}"], a.get(f"residual{i}"), a["norm"], _attention_weights(a), spec, cache, 1,
                                  AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device))]
 
 
@@ -430,28 +443,41 @@ for _v, _args in (("one_token", (1,)), ("t40", (40,)), ("noncontig", (9, True)))
 BLOCK_ROUTER = dataclasses.replace(TINY, scaling=1.0)  # V3's 2.5 would scale the routed part's rounding past O(1)
 
 
-def _moe_block(t: int, first: int, count: int, shared: bool, d: int = 128, i: int = 64, total: int = 12):
-    """Router (12 experts, top-3, 4 groups), routed experts first .. first + count - 1 of 12, and a shared
-    expert: every weight tiles for int8 and int4 (a backend may fuse the block)."""
+def _moe_inputs(g: torch.Generator, dtype: str, first: int, count: int, shared: bool, prefix: str = "", d: int = 128,
+                i: int = 64, total: int = 12) -> dict[str, Any]:
+    """One MoE layer's weights under keys starting with prefix: router (12 experts, top-3, 4 groups), routed experts
+    first .. first + count - 1 of 12 and a shared expert, all tiling for int8 and int4 (a backend may fuse the block)."""
+    a = {"router": W(dense(randn(g, total, d, scale=d**-0.5)), "router"), "bias": Vec(0.1 * randn(g, total)),
+         "first": first,
+         "gate": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
+         "up": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
+         "down": W(checkpoint_weight(g, dtype, count, d, i), "experts")}
+    if shared:
+        a.update(_mlp_inputs(g, dtype, d, 2 * i, "shared_"))
+    return {prefix + key: v for key, v in a.items()}
+
+
+def _mlp_inputs(g: torch.Generator, dtype: str, d: int, i: int, prefix: str = "") -> dict[str, Any]:
+    return {f"{prefix}{p}": W(checkpoint_weight(g, dtype, *shape), "linear")
+            for p, shape in (("gate", (i, d)), ("up", (i, d)), ("down", (d, i)))}
+
+
+def _moe_weights(a: dict[str, Any], prefix: str = "") -> MoEWeights:
+    shared = MLPWeights(*(a[f"{prefix}shared_{p}"] for p in ("gate", "up", "down"))) if f"{prefix}shared_gate" in a else None
+    experts = ExpertWeights(*(a[prefix + p] for p in ("gate", "up", "down", "first")))
+    return MoEWeights(a[prefix + "router"], a[prefix + "bias"], experts, shared)
+
+
+def _moe_block(t: int, first: int, count: int, shared: bool, d: int = 128):
     def make(g, dtype):
-        a = {"h": Act(randn(g, t, d)), "residual": Act(randn(g, t, d)), "norm": Vec(1 + 0.1 * randn(g, d)),
-             "router": W(dense(randn(g, total, d, scale=d**-0.5)), "router"), "bias": Vec(0.1 * randn(g, total)),
-             "first": first,
-             "gate": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
-             "up": W(checkpoint_weight(g, dtype, count, i, d), "experts"),
-             "down": W(checkpoint_weight(g, dtype, count, d, i), "experts")}
-        if shared:
-            a.update({f"shared_{p}": W(checkpoint_weight(g, dtype, *shape), "linear")
-                      for p, shape in (("gate", (2 * i, d)), ("up", (2 * i, d)), ("down", (d, 2 * i)))})
-        return a
+        return {"h": Act(randn(g, t, d)), "residual": Act(randn(g, t, d)), "norm": Vec(1 + 0.1 * randn(g, d)),
+                **_moe_inputs(g, dtype, first, count, shared)}
 
     return make
 
 
 def _call_moe_block(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
-    shared = MLPWeights(a["shared_gate"], a["shared_up"], a["shared_down"]) if "shared_gate" in a else None
-    mw = MoEWeights(a["router"], a["bias"], ExpertWeights(a["gate"], a["up"], a["down"], a["first"]), shared)
-    return list(k.moe_block(a["h"], a["residual"], a["norm"], 1e-6, mw, BLOCK_ROUTER))
+    return list(k.moe_block(a["h"], a["residual"], a["norm"], 1e-6, _moe_weights(a), BLOCK_ROUTER))
 
 
 CALLS["moe_block"] = _call_moe_block
@@ -460,6 +486,42 @@ for _v, _args in (("one_token", (1, 0, 12, True)), ("verify_3", (3, 0, 12, True)
     case("moe_block", _v, f"T={_args[0]},E={_args[2]}/12,D=128,I=64" + ("" if _args[3] else ", no shared expert"),
          DTYPES)(_moe_block(*_args))
 
+
+
+# --- whole decoder layers -----------------------------------------------------------------------------------------
+def _decoder_layers(kinds: tuple[str, ...], last_only: bool = False):
+    """Layers of the blocks above (a dense FFN of I=128, or the MoE block with its shared expert) over _BLOCK_STEPS on
+    one cache: a fresh prompt, a decode step of three sequences, a verification; last_only: an MTP module's layer.
+    The MoE layer comes first: a router fed another layer's rounding flips near-tied experts between backends."""
+    def make(g, dtype):
+        a: dict[str, Any] = {"kinds": kinds, "last_only": last_only, "batches": [AttnBatch.build(*step) for step in _BLOCK_STEPS]}
+        for n, kind in enumerate(kinds):
+            a.update(_attention_inputs(g, dtype, 64, f"l{n}."))
+            a[f"l{n}.ffn_norm"] = Vec(1 + 0.1 * randn(g, 128))
+            a.update(_moe_inputs(g, dtype, 0, 12, True, f"l{n}.") if kind == "moe" else _mlp_inputs(g, dtype, 128, 128, f"l{n}."))
+        for i, (_, _, lengths) in enumerate(_BLOCK_STEPS):
+            a[f"h{i}"] = Act(randn(g, sum(lengths), 128))
+        return a
+
+    return make
+
+
+def _call_decoder_layers(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
+    spec = _block_spec(k)
+    layers = [LayerWeights(a[f"l{n}.norm"], _attention_weights(a, f"l{n}."), a[f"l{n}.ffn_norm"],
+                           _moe_weights(a, f"l{n}.") if kind == "moe" else MLPWeights(*(a[f"l{n}.{p}"] for p in ("gate", "up", "down"))))
+              for n, kind in enumerate(a["kinds"])]
+    cache = k.new_latent_cache(len(layers) + 1, 4, 64, spec.r, spec.dr)
+    return [t for i, b in enumerate(a["batches"])
+            for t in k.decoder_layers(a[f"h{i}"], None, layers, 1, spec, BLOCK_ROUTER, 1e-6, cache,
+                                      AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device), last_only=a["last_only"])]
+
+
+CALLS["decoder_layers"] = _call_decoder_layers
+case("decoder_layers", "moe_then_dense", "D=128: prompts 9 + 4 | decode 1 + 1 + 1 | verify 2 + 1", DTYPES, check="layers")(
+    _decoder_layers(("moe", "dense")))
+case("decoder_layers", "mtp_last_only", "D=128, one MoE layer: the last token of each sequence", DTYPES, check="layers")(
+    _decoder_layers(("moe",), last_only=True))
 
 # --- sampling ----------------------------------------------------------------------------------------------
 def _sampling(with_uniform: bool):

@@ -158,7 +158,7 @@ class Suite:
         ref = Kernels(dtype=load_dtype, device="cpu")
         ref_args = to_cpu(args)
         expected = c.call(ref, ref_args)
-        tol = tolerance_for(self.cls, c.op, c.dtype, OP_TOLERANCES)
+        tol = tolerance_for(self.cls, c.op, c.dtype, MODEL_TOLERANCES if c.check == "layers" else OP_TOLERANCES)
         if c.check == "routing":
             return tol, _compare_routing(actual, expected, tol)
         if c.check == "sample":

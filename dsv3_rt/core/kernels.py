@@ -14,6 +14,7 @@ Conventions shared by every op:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,12 +28,12 @@ from dsv3_rt.core.weights import Weight, dense, quantize_int4_group, quantize_in
 API_VERSION = 1
 
 #: Every op of the interface, in the order a token meets them. `Capabilities.ops` names a subset of these.
-OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "mla_block", "linear", "rope", "store_latent",
+OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "decoder_layers", "mla_block", "linear", "rope", "store_latent",
        "mla_attention", "moe_block", "moe_route", "moe_experts", "dense_mlp", "sampling_probs", "sample", "all_reduce", "all_gather")
 
 #: Ops whose reference is written in the other ops: a backend that keeps it runs its own kernels through it, which
 #: is no fallback. A backend overrides one to fuse what it composes.
-COMPOSITE_OPS = ("mla_block", "moe_block")
+COMPOSITE_OPS = ("decoder_layers", "mla_block", "moe_block")
 
 #: Runtime weight formats selectable with `dtype=` at load.
 DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
@@ -112,6 +113,16 @@ class MoEWeights:
     bias: torch.Tensor | None  # [E] fp32 e_score_correction_bias (selection only)
     experts: ExpertWeights
     shared: MLPWeights | None
+
+
+@dataclass
+class LayerWeights:
+    """One pre-norm decoder layer: an MLA block, then a dense or MoE FFN block."""
+
+    attn_norm: torch.Tensor
+    attn: AttentionWeights
+    ffn_norm: torch.Tensor
+    ffn: MLPWeights | MoEWeights
 
 
 @dataclass
@@ -284,6 +295,31 @@ class Kernels:
         """(rms_norm(x + residual), x + residual): the residual add fused with the next norm."""
         s = x + residual
         return self.rms_norm(s, weight, eps), s
+
+    def decoder_layers(self, h: torch.Tensor, residual: torch.Tensor | None, layers: Sequence[LayerWeights], first: int,
+                       mla: MLASpec, router: RouterSpec, eps: float, cache: LatentCache, batch: AttnBatch,
+                       tp_group: Any = None, ep_group: Any = None,
+                       last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layers first .. first + len(layers) - 1 (their cache layers) over the unsummed residual stream (h,
+        residual; residual None before the first layer): returns (the last block's output, the residual stream
+        before it), [T, D] each; last_only (one layer only: an MTP module's) as mla_block. A composite, per layer:
+          out, residual = mla_block(h, residual, attn_norm, ...);  h = all_reduce(out, tp_group)
+          MoE:   out, residual = moe_block(h, residual, ffn_norm, ...);  h = all_reduce(out, ep_group)
+          dense: x, residual = add_rms_norm(h, residual, ffn_norm);  h = all_reduce(dense_mlp(x, ...), tp_group)
+        A backend overrides it to run a decode step's whole stack without returning to the interpreter in between.
+        """
+        if last_only and len(layers) > 1:
+            raise ValueError("last_only applies to a single layer (an MTP module's)")
+        for i, lw in enumerate(layers):
+            out, residual = self.mla_block(h, residual, lw.attn_norm, lw.attn, mla, cache, first + i, batch, last_only)
+            h = self.all_reduce(out, tp_group)
+            if isinstance(lw.ffn, MoEWeights):
+                out, residual = self.moe_block(h, residual, lw.ffn_norm, eps, lw.ffn, router)
+                h = self.all_reduce(out, ep_group)
+            else:
+                x, residual = self.add_rms_norm(h, residual, lw.ffn_norm, eps)
+                h = self.all_reduce(self.dense_mlp(x, lw.ffn.gate, lw.ffn.up, lw.ffn.down), tp_group)
+        return h, residual
 
     def mla_block(self, h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, aw: AttentionWeights,
                   spec: MLASpec, cache: LatentCache, layer: int, batch: AttnBatch,

@@ -48,14 +48,14 @@ def new_fused_cache(layers: int, slots: int, max_len: int, r: int, dr: int, dtyp
     return FusedLatentCache([b[..., :r] for b in bufs], [b[..., r:] for b in bufs], bufs)
 
 
-def _fused_base(cache: LatentCache, layer: int) -> torch.Tensor | None:
+def fused_base(cache: LatentCache, layer: int) -> torch.Tensor | None:
     """The layer's [slots, max_len, r + dr] buffer when its kv / pe are views of one (`new_fused_cache`), else None."""
     return cache.buffers[layer] if isinstance(cache, FusedLatentCache) else None
 
 
 def _keys(cache: LatentCache, layer: int, slot: int, length: int) -> torch.Tensor:
     """[length, r + dr] latent ++ rope key of one sequence (a view when the cache is fused, else a copy)."""
-    base = _fused_base(cache, layer)
+    base = fused_base(cache, layer)
     if base is not None:
         return base[slot, :length]
     return torch.cat([cache.kv[layer][slot, :length], cache.pe[layer][slot, :length]], dim=-1)
@@ -216,17 +216,17 @@ def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor
     fresh prompt takes the naive form, BLOCK_ROWS or more rows the op-by-op path)."""
     if not small_ops.all_fp32(h, residual, norm) or h.shape[0] >= BLOCK_ROWS:
         return None
-    table, fresh = _step_spans(batch)
+    table, fresh = step_spans(batch)
     if fresh and not last_only:
         return None
-    layer_args = _layer_args(aw, spec, cache, layer)
-    if layer_args is None:
+    args = layer_args(aw, spec, cache, layer)
+    if args is None:
         return None
     hc, w = h.contiguous(), norm.contiguous()
     rc = None if residual is None else residual.contiguous()
     stream = hc if rc is None else torch.empty_like(hc)  # h + residual, written by the call
     out = torch.empty(table.shape[0] if last_only else h.shape[0], aw.o.shape[0], dtype=torch.float32)
-    native.library().dsv3_mla_block(layer_args, hc.data_ptr(), None if rc is None else rc.data_ptr(), w.data_ptr(),
+    native.library().dsv3_mla_block(args, hc.data_ptr(), None if rc is None else rc.data_ptr(), w.data_ptr(),
                                     stream.data_ptr(), batch.positions.data_ptr(), h.shape[0], table.data_ptr(),
                                     table.shape[0], int(last_only), out.data_ptr())
     return out, (take_rows(stream, batch.last_token_rows) if last_only else stream)
@@ -239,7 +239,7 @@ def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor
 _last_step: tuple = (None, None, False)  # (batch, its spans as the C call's [count, 4] table, a fresh prompt in it)
 
 
-def _step_spans(batch: AttnBatch) -> tuple[torch.Tensor, bool]:
+def step_spans(batch: AttnBatch) -> tuple[torch.Tensor, bool]:
     """(slot, start, row offset, length) per sequence as an int64 table, and whether a sequence in the batch is a
     fresh multi-token prompt; built once per batch."""
     global _last_step
@@ -251,10 +251,10 @@ def _step_spans(batch: AttnBatch) -> tuple[torch.Tensor, bool]:
     return table, fresh
 
 
-def _layer_args(aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int) -> ctypes._Pointer | None:
+def layer_args(aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int) -> ctypes._Pointer | None:
     """A pointer to the layer's `_BlockArgs` with this cache's buffer in it (re-pointed when the cache is another
     one); None where the C block does not apply (see `_block_args`, or a cache that is not one fused fp32 buffer)."""
-    base = _fused_base(cache, layer)
+    base = fused_base(cache, layer)
     if base is None:
         return None
     got = aw.kv_a.meta.get(_CACHE_KEY)

@@ -29,19 +29,21 @@ halves as int8 per row (attention.split_kv_b_int8).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dsv3_rt.backends.cpu import attention, moe, native, small_ops
+from dsv3_rt.backends.cpu import attention, layers, moe, native, small_ops
 from dsv3_rt.backends.cpu.formats import (can_tile, can_tile_int4, convert_rows, fp8_to_dense, quantize_int4, quantize_int4_tiles_weight,
                                           quantize_int8_weight, release_free_heap)
 from dsv3_rt.backends.cpu.matmul import matmul
 from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
-from dsv3_rt.core.kernels import AttentionWeights, Capabilities, ExpertWeights, Kernels, LatentCache, MLASpec, MoEWeights, RouterSpec
+from dsv3_rt.core.kernels import (AttentionWeights, Capabilities, ExpertWeights, Kernels, LatentCache, LayerWeights, MLASpec,
+                                  MoEWeights, RouterSpec)
 from dsv3_rt.core.weights import Weight, dense
 
 
@@ -53,7 +55,7 @@ class CpuBackend(Kernels):
         compute_dtypes=("bfloat16", "float32"),
         weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
-        ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "mla_block", "moe_block", "linear", "rope", "store_latent",
+        ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "decoder_layers", "mla_block", "moe_block", "linear", "rope", "store_latent",
              "mla_attention", "moe_route", "moe_experts", "dense_mlp", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
@@ -186,6 +188,19 @@ class CpuBackend(Kernels):
             return super().mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale)
         return attention.mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, softmax_scale,
                                        int8_absorbed=self.dtype in ("int8", "int4"))
+
+    def decoder_layers(self, h: torch.Tensor, residual: torch.Tensor | None, layers_: Sequence[LayerWeights], first: int,
+                       mla: MLASpec, router: RouterSpec, eps: float, cache: LatentCache, batch: AttnBatch,
+                       tp_group: Any = None, ep_group: Any = None,
+                       last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A single process's decode, verify or MTP draft step over tiled weights is one C call for the whole stack
+        (`layers.decoder_layers`); the rest composes the blocks."""
+        fused = None
+        if self._fuses_blocks and residual is None and tp_group is None and ep_group is None and (len(layers_) == 1 or not last_only):
+            fused = layers.decoder_layers(h, layers_, first, mla, router, eps, cache, batch, last_only)
+        if fused is not None:
+            return fused
+        return super().decoder_layers(h, residual, layers_, first, mla, router, eps, cache, batch, tp_group, ep_group, last_only)
 
     def mla_block(self, h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, aw: AttentionWeights,
                   spec: MLASpec, cache: LatentCache, layer: int, batch: AttnBatch,

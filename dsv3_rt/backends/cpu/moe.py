@@ -28,23 +28,23 @@ C_MLP_ROWS = 16  # a dense MLP over fewer rows (a decode or verify step) is one 
 C_EXPERT_ROWS = 32  # a layer's routed experts are one C call while they average up to this many rows each
 
 
-def _tiled_bits(*ws: Weight) -> int | None:
+def tiled_bits(*ws: Weight) -> int | None:
     """8 or 4 when all of ws are in the same tiled format (what the C MLP reads), else None."""
     bits = {TILED_BITS.get(w.format) for w in ws}
     return bits.pop() if len(bits) == 1 and None not in bits else None
 
 
-def _pointers(*ws: Weight) -> list[int | None]:
+def pointers(*ws: Weight) -> list[int | None]:
     return [p for w in ws for p in (w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr())]
 
 
 def dense_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
-    bits = _tiled_bits(gate, up, down)
+    bits = tiled_bits(gate, up, down)
     if bits is None or x.shape[0] >= C_MLP_ROWS:  # many rows: matmul's prefill paths (int8: W8A8 GEMM)
         return matmul(_swiglu(matmul(x, gate), matmul(x, up)), down)
     xf = x.float().contiguous()
     y = torch.empty_like(xf)
-    native.library().dsv3_mlp(bits, xf.data_ptr(), xf.shape[0], xf.shape[1], gate.shape[-2], *_pointers(gate, up, down), y.data_ptr())
+    native.library().dsv3_mlp(bits, xf.data_ptr(), xf.shape[0], xf.shape[1], gate.shape[-2], *pointers(gate, up, down), y.data_ptr())
     return y.to(x.dtype)
 
 
@@ -59,7 +59,7 @@ def _expert(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     t, k = ids.shape
-    bits = _tiled_bits(experts.gate, experts.up, experts.down)
+    bits = tiled_bits(experts.gate, experts.up, experts.down)
     # Tiled experts run in one C call while they average up to C_EXPERT_ROWS rows: a decode or verify step, and
     # prefill chunks of up to ~32 tokens per expert (at 128 a 512-token chunk prefilled slower than per expert).
     # Measured (int8, 2 threads, one MoE layer, routed at random): default model 4 / 16 / 64 / 128 tokens 56 / 146 / 296 / 680 us in C against
@@ -108,7 +108,7 @@ def _native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: 
     xf, w, i = x.float().contiguous(), weights.float().contiguous(), ids.to(torch.int64).contiguous()
     out = torch.empty_like(xf)
     native.library().dsv3_moe_experts(bits, xf.data_ptr(), i.data_ptr(), w.data_ptr(), *ids.shape, experts.first, experts.count,
-                                      xf.shape[1], experts.gate.shape[-2], *_pointers(experts.gate, experts.up, experts.down),
+                                      xf.shape[1], experts.gate.shape[-2], *pointers(experts.gate, experts.up, experts.down),
                                       out.data_ptr())
     return out.to(x.dtype)
 
@@ -127,7 +127,7 @@ class _BlockArgs(ctypes.Structure):  # native/moe_block.c's moe_args
 _BLOCK_KEY = "cpu.moe_block"  # experts.extra key of (spec, a pointer to the layer's _BlockArgs, or None)
 
 
-def _block_args(mw: MoEWeights, spec: RouterSpec) -> ctypes._Pointer | None:
+def block_args(mw: MoEWeights, spec: RouterSpec) -> ctypes._Pointer | None:
     """A pointer to the C call's weights and shapes for one layer, made once per spec; None where the block does not
     run in one call (a router the C router does not take, weights that are not all tiled in one format)."""
     got = mw.experts.extra.get(_BLOCK_KEY)
@@ -135,17 +135,17 @@ def _block_args(mw: MoEWeights, spec: RouterSpec) -> ctypes._Pointer | None:
         return got[1]
     ex, sh, router, bias = mw.experts, mw.shared, mw.router, mw.bias
     mats = [ex.gate, ex.up, ex.down] + ([] if sh is None else [sh.gate, sh.up, sh.down])
-    bits = _tiled_bits(*mats)
+    bits = tiled_bits(*mats)
     args = None
     if (bits is not None and router.format == "f32" and small_ops.all_fp32(router.data, bias)
             and router.data.is_contiguous() and (bias is None or bias.is_contiguous())
             and not any(ggml_act.KEY in w.meta for w in (router, *mats))):
         e, d = router.shape
-        shared = [0, *[None] * 6] if sh is None else [sh.gate.shape[-2], *_pointers(sh.gate, sh.up, sh.down)]
+        shared = [0, *[None] * 6] if sh is None else [sh.gate.shape[-2], *pointers(sh.gate, sh.up, sh.down)]
         args = _BlockArgs(bits, router.data.data_ptr(), None if bias is None else bias.data_ptr(), e, d, spec.top_k,
                           spec.n_group, spec.topk_group, small_ops.SCORING[spec.scoring],
                           small_ops.GROUP_SCORE[spec.group_score], int(spec.normalize), spec.scaling, ex.first,
-                          ex.count, ex.gate.shape[-2], *_pointers(ex.gate, ex.up, ex.down), *shared)
+                          ex.count, ex.gate.shape[-2], *pointers(ex.gate, ex.up, ex.down), *shared)
         args = ctypes.pointer(args)
     mw.experts.extra[_BLOCK_KEY] = (spec, args)
     return args
@@ -160,7 +160,7 @@ def moe_block(h: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, eps: 
     if (not small_ops.all_fp32(h, residual, norm) or h.shape != residual.shape or t >= C_MLP_ROWS
             or t > small_ops.ROUTE_TOKENS or t * spec.top_k > C_EXPERT_ROWS * mw.experts.count):
         return None
-    args = _block_args(mw, spec)
+    args = block_args(mw, spec)
     if args is None:
         return None
     hc, rc, w = h.contiguous(), residual.contiguous(), norm.contiguous()
