@@ -66,8 +66,7 @@ class DeepseekV3:
     # --- model ------------------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, batch: AttnBatch, cache: LatentCache) -> torch.Tensor:
         """ids [T] -> final-normed hidden [T, D]; appends every layer's latent to `cache`."""
-        h, residual = self.layers(self.w.layers, 0, self.embed(ids, self.w.embed), batch, cache)
-        return self.k.add_rms_norm(h, residual, self.w.norm, self.cfg.rms_norm_eps)[0]
+        return self.layers(self.w.layers, 0, self.w.norm, self.embed(ids, self.w.embed), batch, cache)[0]
 
     def logits(self, hidden: torch.Tensor, head: Weight | None = None) -> torch.Tensor:
         """hidden [N, D] -> logits [N, V] fp32 (vocabulary gathered across tp ranks)."""
@@ -90,8 +89,7 @@ class DeepseekV3:
         x = torch.cat([self.k.rms_norm(e, m.enorm, self.cfg.rms_norm_eps),
                        self.k.rms_norm(hidden, m.hnorm, self.cfg.rms_norm_eps)], dim=-1)  # [T, 2D]
         x = self.k.linear(x, m.eh_proj)  # [T, D]
-        h, residual = self.layers([m.layer], len(self.w.layers) + depth, x, batch, cache, last_only=not every_position)
-        normed, out = self.k.add_rms_norm(h, residual, m.norm, self.cfg.rms_norm_eps)
+        normed, out = self.layers([m.layer], len(self.w.layers) + depth, m.norm, x, batch, cache, last_only=not every_position)
         return out, normed
 
     # --- blocks -----------------------------------------------------------------------------------------------
@@ -103,12 +101,11 @@ class DeepseekV3:
         h = self.k.embedding(local.clamp(0, table.shape[0] - 1), table) * mine[:, None].to(self.k.compute_dtype)
         return self.k.all_reduce(h, self.par.tp_group)
 
-    def layers(self, layers: list[LayerWeights], first: int, h: torch.Tensor, batch: AttnBatch, cache: LatentCache,
-               last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-norm decoder layers (cache layers first ..) from the stream h; returns (last block output, residual
-        stream before it): their sum is the new stream. last_only: every token enters the cache, the outputs are
-        those of each sequence's last token [B, D]."""
-        return self.k.decoder_layers(h, None, layers, first, self.mla, self.router, self.cfg.rms_norm_eps, cache, batch,
+    def layers(self, layers: list[LayerWeights], first: int, norm: torch.Tensor, h: torch.Tensor, batch: AttnBatch,
+               cache: LatentCache, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm decoder layers (cache layers first ..) from the stream h, then `norm`: (normed, stream after them).
+        last_only: every token enters the cache, the outputs are those of each sequence's last token [B, D]."""
+        return self.k.decoder_layers(h, layers, first, norm, self.mla, self.router, self.cfg.rms_norm_eps, cache, batch,
                                      self.par.tp_group, self.par.ep_group, last_only)
 
     def agree(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -373,11 +373,12 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
     decode, prompt = AttnBatch.build([0, 1], [12, 8], [1, 1]), AttnBatch.build([2], [0], [2])
     if op == "decoder_layers":
         cache, mtp_layer = g.new_cache(3, 32), [g.w.mtp[0].layer]
-        assert layers.decoder_layers(h, g.w.layers, 0, g.mla, g.router, eps, cache, decode) is not None  # the C call ran
-        assert layers.decoder_layers(h, g.w.layers, 0, g.mla, g.router, eps, cache, prompt) is None  # a fresh prompt composes
-        assert layers.decoder_layers(h, mtp_layer, len(g.w.layers), g.mla, g.router, eps, cache, prompt, last_only=True) is not None
+        args = (g.w.norm, g.mla, g.router, eps, cache)
+        assert layers.decoder_layers(h, g.w.layers, 0, *args, decode) is not None  # the C call ran
+        assert layers.decoder_layers(h, g.w.layers, 0, *args, prompt) is None  # a fresh prompt composes
+        assert layers.decoder_layers(h, mtp_layer, len(g.w.layers), *args, prompt, last_only=True) is not None
         many = torch.randn(16, h.shape[1])
-        assert layers.decoder_layers(many, g.w.layers, 0, g.mla, g.router, eps, cache, AttnBatch.build([0], [12], [16])) is None
+        assert layers.decoder_layers(many, g.w.layers, 0, *args, AttnBatch.build([0], [12], [16])) is None
     elif op == "mla_block":
         for batch, runs_in_c in ((decode, True), (prompt, False)):  # a fresh prompt composes
             got = attention.mla_block(h, residual, lw.attn_norm, lw.attn, g.mla, g.new_cache(3, 32), 1, batch)

@@ -490,8 +490,8 @@ for _v, _args in (("one_token", (1, 0, 12, True)), ("verify_3", (3, 0, 12, True)
 
 # --- whole decoder layers -----------------------------------------------------------------------------------------
 def _decoder_layers(kinds: tuple[str, ...], last_only: bool = False):
-    """Layers of the blocks above (a dense FFN of I=128, or the MoE block with its shared expert) over _BLOCK_STEPS on
-    one cache: a fresh prompt, a decode step of three sequences, a verification; last_only: an MTP module's layer.
+    """Layers of the blocks above (a dense FFN of I=128, or the MoE block with its shared expert) and a final norm over
+    _BLOCK_STEPS on one cache: a fresh prompt, a decode step of three sequences, a verification; last_only: an MTP module's layer.
     The MoE layer comes first: a router fed another layer's rounding flips near-tied experts between backends."""
     def make(g, dtype):
         a: dict[str, Any] = {"kinds": kinds, "last_only": last_only, "batches": [AttnBatch.build(*step) for step in _BLOCK_STEPS]}
@@ -499,6 +499,7 @@ def _decoder_layers(kinds: tuple[str, ...], last_only: bool = False):
             a.update(_attention_inputs(g, dtype, 64, f"l{n}."))
             a[f"l{n}.ffn_norm"] = Vec(1 + 0.1 * randn(g, 128))
             a.update(_moe_inputs(g, dtype, 0, 12, True, f"l{n}.") if kind == "moe" else _mlp_inputs(g, dtype, 128, 128, f"l{n}."))
+        a["final_norm"] = Vec(1 + 0.1 * randn(g, 128))
         for i, (_, _, lengths) in enumerate(_BLOCK_STEPS):
             a[f"h{i}"] = Act(randn(g, sum(lengths), 128))
         return a
@@ -513,7 +514,7 @@ def _call_decoder_layers(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
               for n, kind in enumerate(a["kinds"])]
     cache = k.new_latent_cache(len(layers) + 1, 4, 64, spec.r, spec.dr)
     return [t for i, b in enumerate(a["batches"])
-            for t in k.decoder_layers(a[f"h{i}"], None, layers, 1, spec, BLOCK_ROUTER, 1e-6, cache,
+            for t in k.decoder_layers(a[f"h{i}"], layers, 1, a["final_norm"], spec, BLOCK_ROUTER, 1e-6, cache,
                                       AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device), last_only=a["last_only"])]
 
 

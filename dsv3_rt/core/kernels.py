@@ -296,20 +296,22 @@ class Kernels:
         s = x + residual
         return self.rms_norm(s, weight, eps), s
 
-    def decoder_layers(self, h: torch.Tensor, residual: torch.Tensor | None, layers: Sequence[LayerWeights], first: int,
+    def decoder_layers(self, h: torch.Tensor, layers: Sequence[LayerWeights], first: int, norm: torch.Tensor,
                        mla: MLASpec, router: RouterSpec, eps: float, cache: LatentCache, batch: AttnBatch,
                        tp_group: Any = None, ep_group: Any = None,
                        last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder layers first .. first + len(layers) - 1 (their cache layers) over the unsummed residual stream (h,
-        residual; residual None before the first layer): returns (the last block's output, the residual stream
-        before it), [T, D] each; last_only (one layer only: an MTP module's) as mla_block. A composite, per layer:
+        """Decoder layers first .. first + len(layers) - 1 (their cache layers) from the residual stream h [T, D], then
+        the norm after them: returns (rms_norm(stream, norm), stream), the stream after the last layer; last_only (one
+        layer only: an MTP module's) as mla_block, [B, D] each. A composite, per layer (residual None at first):
           out, residual = mla_block(h, residual, attn_norm, ...);  h = all_reduce(out, tp_group)
           MoE:   out, residual = moe_block(h, residual, ffn_norm, ...);  h = all_reduce(out, ep_group)
           dense: x, residual = add_rms_norm(h, residual, ffn_norm);  h = all_reduce(dense_mlp(x, ...), tp_group)
-        A backend overrides it to run a decode step's whole stack without returning to the interpreter in between.
+        then add_rms_norm(h, residual, norm). A backend overrides it to run a decode step's whole stack without
+        returning to the interpreter in between.
         """
         if last_only and len(layers) > 1:
             raise ValueError("last_only applies to a single layer (an MTP module's)")
+        residual = None
         for i, lw in enumerate(layers):
             out, residual = self.mla_block(h, residual, lw.attn_norm, lw.attn, mla, cache, first + i, batch, last_only)
             h = self.all_reduce(out, tp_group)
@@ -319,7 +321,7 @@ class Kernels:
             else:
                 x, residual = self.add_rms_norm(h, residual, lw.ffn_norm, eps)
                 h = self.all_reduce(self.dense_mlp(x, lw.ffn.gate, lw.ffn.up, lw.ffn.down), tp_group)
-        return h, residual
+        return self.add_rms_norm(h, residual, norm, eps)
 
     def mla_block(self, h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, aw: AttentionWeights,
                   spec: MLASpec, cache: LatentCache, layer: int, batch: AttnBatch,

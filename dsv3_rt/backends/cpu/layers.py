@@ -67,15 +67,16 @@ def _stack_args(layers: Sequence[LayerWeights], first: int, spec: MLASpec, route
     return stack
 
 
-def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, spec: MLASpec, router: RouterSpec,
-                   eps: float, cache: LatentCache, batch: AttnBatch,
+def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, norm: torch.Tensor, spec: MLASpec,
+                   router: RouterSpec, eps: float, cache: LatentCache, batch: AttnBatch,
                    last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Kernels.decoder_layers from the stream h (no residual before the first layer) for a step of few rows whose
-    sequences all sit on a cached prefix or add one token (or, last_only, an MTP module's step), over tiled weights
-    and a fused fp32 cache: one C call, bit-identical to a call per block. None otherwise."""
+    """Kernels.decoder_layers for a step of few rows whose sequences all sit on a cached prefix or add one token (or,
+    last_only, an MTP module's step), over tiled weights and a fused fp32 cache: one C call, bit-identical to a call
+    per block and the final add_rms_norm. None otherwise."""
     t = h.shape[0]
     m = len(batch.slots) if last_only else t  # the rows the FFN blocks see
-    if t >= attention.BLOCK_ROWS or m >= moe.C_MLP_ROWS or m > small_ops.ROUTE_TOKENS or not small_ops.all_fp32(h):
+    if (t >= attention.BLOCK_ROWS or m >= moe.C_MLP_ROWS or m > small_ops.ROUTE_TOKENS or not small_ops.all_fp32(h)
+            or not _fp32_vector(norm)):
         return None
     if attention.fused_base(cache, first) is None:
         return None
@@ -89,9 +90,9 @@ def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, 
     if fewest_experts and m * router.top_k > moe.C_EXPERT_ROWS * fewest_experts:  # as moe.moe_block
         return None
     hc = h.contiguous()
-    out = torch.empty(m, hc.shape[1], dtype=torch.float32)
-    stream = torch.empty_like(out)
-    native.library().dsv3_decoder_layers(args, len(layers), hc.data_ptr(), eps, batch.positions.data_ptr(), t,
-                                         table.data_ptr(), table.shape[0], int(last_only), hc.shape[1], out.data_ptr(),
-                                         stream.data_ptr())
-    return out, stream
+    normed = torch.empty(m, hc.shape[1], dtype=torch.float32)
+    stream = torch.empty_like(normed)
+    native.library().dsv3_decoder_layers(args, len(layers), hc.data_ptr(), norm.data_ptr(), eps, batch.positions.data_ptr(),
+                                         t, table.data_ptr(), table.shape[0], int(last_only), hc.shape[1],
+                                         normed.data_ptr(), stream.data_ptr())
+    return normed, stream

@@ -97,7 +97,7 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_rope.argtypes = [vp, vp, vp, f32, vp, long, long, long]
     lib.dsv3_mla_block.argtypes = [vp, vp, vp, vp, vp, vp, long, vp, long, ctypes.c_int, vp]
     lib.dsv3_moe_block.argtypes = [vp, vp, vp, vp, f32, vp, long, vp]
-    lib.dsv3_decoder_layers.argtypes = [vp, long, vp, f32, vp, long, vp, long, ctypes.c_int, long, vp, vp]
+    lib.dsv3_decoder_layers.argtypes = [vp, long, vp, vp, f32, vp, long, vp, long, ctypes.c_int, long, vp, vp]
     lib.dsv3_embedding_int8.argtypes = [vp, vp, vp, vp, long, long]
     if hasattr(lib, "dsv3_int8_tiles_w8a8"):  # AVX-512 VNNI only
         lib.dsv3_int8_tiles_w8a8.argtypes = [vp, vp, vp, vp, long, long, long]

@@ -30,19 +30,20 @@ typedef struct {
     const void *gate, *gate_scale, *up, *up_scale, *down, *down_scale;
 } layer_args;
 
-/* h [t, d] the stream entering layer 0 (no residual before it: as Kernels.decoder_layers with residual None) ->
- * out, the last block's output, and stream, the residual stream before it, [m, d] each: m = t, or with last_only
- * (a single layer, an MTP module's) m = count, each sequence's last token (every token enters the cache); positions
- * [t]; spans [count][4] = (slot, start, row offset, length) per sequence. */
-void dsv3_decoder_layers(const layer_args *layers, long n_layers, const float *h, float eps, const int64_t *positions,
-                         long t, const long *spans, long count, int last_only, long d, float *out, float *stream) {
+/* The stream h [t, d] through the layers (no residual before the first: as Kernels.decoder_layers), then norm [d]
+ * after them: normed = rms_norm(stream) and stream, the residual stream after the last layer, [m, d] each: m = t, or
+ * with last_only (a single layer, an MTP module's) m = count, each sequence's last token (every token enters the
+ * cache); positions [t]; spans [count][4] = (slot, start, row offset, length) per sequence. */
+void dsv3_decoder_layers(const layer_args *layers, long n_layers, const float *h, const float *norm, float eps,
+                         const int64_t *positions, long t, const long *spans, long count, int last_only, long d,
+                         float *normed, float *stream) {
     const long m = last_only ? count : t;
-    float *scratch = malloc((2 * m + t + 2 * m) * d * sizeof(float));
+    float *scratch = malloc((4 * m + t) * d * sizeof(float));
     float *attn = scratch, *x = attn + m * d, *attn_stream = x + m * d, *next[2] = { attn_stream + t * d, attn_stream + t * d + m * d };
     const float *cur = h, *residual = NULL;
     for (long i = 0; i < n_layers; i++) {
         const layer_args *l = &layers[i];
-        float *o = i == n_layers - 1 ? out : next[i % 2], *s = i == n_layers - 1 ? stream : next[(i + 1) % 2];
+        float *o = next[i % 2], *s = next[(i + 1) % 2];
         dsv3_mla_block(l->mla, cur, residual, l->attn_norm, attn_stream, positions, t, spans, count, last_only, attn);
         const float *r = residual ? attn_stream : cur;  /* without a residual the block's stream is its input */
         if (last_only) {  /* the stream rows of each sequence's last token, in x until the FFN block reads them */
@@ -60,5 +61,6 @@ void dsv3_decoder_layers(const layer_args *layers, long n_layers, const float *h
         cur = o;
         residual = s;
     }
+    dsv3_add_rms_norm(cur, residual, norm, normed, stream, m, d, eps);
     free(scratch);
 }
