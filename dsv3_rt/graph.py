@@ -73,6 +73,13 @@ class DeepseekV3:
         part = self.k.linear(hidden, head or self.w.head).float()
         return self.k.all_gather(part, self.par.tp_group, dim=-1)
 
+    def greedy(self, hidden: torch.Tensor, head: Weight | None = None) -> torch.Tensor:
+        """hidden [N, D] -> [N] int64, each row's first argmax of `logits`: one op where this rank holds the whole
+        vocabulary (no [N, V] logits in between)."""
+        if self.par.tp_size > 1:
+            return self.logits(hidden, head).argmax(dim=-1)
+        return self.k.greedy_tokens(hidden, head or self.w.head)
+
     def mtp(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, batch: AttnBatch,
             cache: LatentCache, every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth`: predict the token after `next_ids` from the main model's hidden state.

@@ -85,6 +85,23 @@ def test_int8_tiles_kernel_is_the_dequantised_matmul(m):  # 208 columns: not a m
         torch.testing.assert_close(int8_tiles_matmul(x, tiles.data[e], tiles.scale[e]).double(), want, atol=1e-5, rtol=1e-5)
 
 
+@needs_native
+@pytest.mark.parametrize("vocab", [1000, 4096])  # 1000 = 62 x 16 + 8: a masked last step
+def test_greedy_tokens_is_the_first_argmax_of_the_c_logits(vocab):
+    """Kernels.greedy_tokens on an int8-tiled head: the C call's ids are torch's first argmax of the same kernel's
+    logits, ties to the lowest id (duplicated head rows tie exactly), and it returns None for an untiled head."""
+    from dsv3_rt.backends.cpu.matmul import int8_tiles_argmax, int8_tiles_matmul
+
+    w = torch.randn(vocab, 128) * 0.05
+    w[vocab - 20] = w[vocab - 3] = w[7] = w[vocab // 2]  # rows vocab // 2 < ... tie; 7 comes first
+    head = tile_int8(quantize_int8(w))
+    x = torch.randn(5, 128)
+    x[2] = w[7] * 40  # row 2's largest logit is the tied one
+    ids = int8_tiles_argmax(x, head)
+    assert torch.equal(ids, int8_tiles_matmul(x, head.data, head.scale).argmax(dim=-1)) and int(ids[2]) == 7
+    assert int8_tiles_argmax(x, quantize_int8(w)) is None
+
+
 def test_int4_tiles_round_trip():
     w = torch.randn(2, 48, 192) * 0.02
     q = quantize_int4_tiles(w)

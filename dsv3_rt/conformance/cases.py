@@ -61,7 +61,8 @@ class OpCase:
     make: Callable[[torch.Generator, str], dict[str, Any]]  # (generator, dtype) -> raw inputs
     call: Callable[[Kernels, dict[str, Any]], list[torch.Tensor]]  # prepared inputs -> outputs
     check: str = "close"  # "close" | "routing" | "sample" | "quant" | "layers" (close, at the whole-model tolerances:
-    #                       errors compound over layers)
+    #                       errors compound over layers) | "argmax" (ids whose reference logits are the row's max within
+    #                       the tolerance: a rounding may flip a near-tie)
     default_dtype: bool = False  # dtype-independent op: created with the backend's default dtype
 
     @property
@@ -523,6 +524,19 @@ case("decoder_layers", "moe_then_dense", "D=128: prompts 9 + 4 | decode 1 + 1 + 
     _decoder_layers(("moe", "dense")))
 case("decoder_layers", "mtp_last_only", "D=128, one MoE layer: the last token of each sequence", DTYPES, check="layers")(
     _decoder_layers(("moe",), last_only=True))
+
+
+# --- the head and a greedy pick -------------------------------------------------------------------------------------
+def _greedy(t: int, vocab: int, d: int = 128):
+    def make(g, dtype):
+        return {"hidden": Act(randn(g, t, d)), "head": W(checkpoint_weight(g, dtype, vocab, d), "head")}
+
+    return make
+
+
+CALLS["greedy_tokens"] = lambda k, a: [k.greedy_tokens(a["hidden"], a["head"])]
+for _v, _args in (("one_row", (1, 1000)), ("verify_4", (4, 4096)), ("vocab_not_16x", (3, 1001))):
+    case("greedy_tokens", _v, f"T={_args[0]},V={_args[1]},D=128", DTYPES, check="argmax")(_greedy(*_args))
 
 # --- sampling ----------------------------------------------------------------------------------------------
 def _sampling(with_uniform: bool):

@@ -163,6 +163,8 @@ class Suite:
             return tol, _compare_routing(actual, expected, tol)
         if c.check == "sample":
             return tol, _compare_samples(actual[0], expected[0], ref, ref_args)
+        if c.check == "argmax":
+            return tol, _compare_argmax(actual[0], ref.linear(ref_args["hidden"], ref_args["head"]).float(), tol)
         dtype_problem = _dtype_problem(actual, expected, k, ref)
         if dtype_problem:
             return tol, Comparison(False, float("inf"), float("inf"), dtype_problem)
@@ -263,6 +265,19 @@ def _compare_routing(actual: list[torch.Tensor], expected: list[torch.Tensor], t
         return Comparison(False, float("inf"), float("inf"),
                           f"different experts for {int(wrong.sum())} of {len(wrong)} tokens (token {t}: {ia[t].tolist()} vs {ie[t].tolist()})")
     return compare([wa.cpu().float().gather(-1, oa)], [we.float().gather(-1, oe)], tol)
+
+
+def _compare_argmax(got: torch.Tensor, logits: torch.Tensor, tol: Tolerance) -> Comparison:
+    """Each row's id has the reference's largest logit of that row, up to the tolerance (a near-tie may go either way)."""
+    got = got.cpu().long()
+    if got.shape != logits.shape[:1]:
+        return Comparison(False, float("inf"), float("inf"), f"shape {tuple(got.shape)}, expected ({logits.shape[0]},)")
+    top = logits.max(dim=-1).values
+    short = top - logits.gather(1, got[:, None])[:, 0]  # how far each pick falls below its row's max
+    worst = int(short.argmax())
+    ok = bool((short <= tol.atol + tol.rtol * top.abs()).all())
+    return Comparison(ok, float(short.max()), float(short[worst] / top[worst].abs().clamp(min=1e-30)),
+                      "" if ok else f"row {worst}: token {int(got[worst])} is {float(short[worst]):.3g} below the max")
 
 
 def _compare_samples(got: torch.Tensor, want: torch.Tensor, ref: Kernels, args: dict[str, Any]) -> Comparison:

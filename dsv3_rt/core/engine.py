@@ -135,8 +135,7 @@ class Engine:
         out: list[tuple[Sequence, int]] = []
         if ready:
             rows = [r for i in ready for r in range(offsets[i] + len(chunks[i]) - 1 - len(seqs[i].drafts), offsets[i] + len(chunks[i]))]
-            logits = self.graph.logits(take_rows(hidden, rows))
-            new = self._new_tokens([seqs[i] for i in ready], logits)
+            new = self._new_tokens([seqs[i] for i in ready], take_rows(hidden, rows))
             for i, toks in zip(ready, new):
                 seq = seqs[i]
                 seq.cached = starts[i] + (len(toks) if seq.drafts else len(chunks[i]))
@@ -151,17 +150,24 @@ class Engine:
             self._draft(seqs, starts, offsets, hidden)
         return out
 
-    def _new_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[list[int]]:
-        """New tokens per ready sequence from its logits rows (1 row, or k + 1 rows verifying k drafts)."""
+    def _new_tokens(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[list[int]]:
+        """New tokens per ready sequence from its rows of the final hidden states (1 row, or k + 1 rows verifying k
+        drafts). Greedy sequences take the first argmax (`sample` at temperature 0): with every sequence greedy,
+        straight from the hidden states (`greedy`), without logits, draws or sampling tensors."""
+        greedy = [_greedy(s) for s in seqs]
+        logits = None if all(greedy) else self.graph.logits(hidden)
         if not any(s.drafts for s in seqs):
-            if all(_greedy(s) for s in seqs):  # temperature 0 is the first argmax: no draws, no sampling tensors
-                return [[t] for t in self.graph.agree(logits.argmax(dim=-1)).tolist()]
+            if logits is None:
+                return [[t] for t in self.graph.agree(self.graph.greedy(hidden)).tolist()]
             return [[t] for t in self.sample(seqs, logits)]
+        if logits is None:
+            best = self.graph.greedy(hidden).tolist()
+        else:
+            best = logits.argmax(dim=-1).tolist() if any(greedy) else []
         k, row, result = self.graph.k, 0, []
-        best = logits.argmax(dim=-1).tolist() if any(_greedy(s) for s in seqs) else []
-        for s in seqs:
+        for s, is_greedy in zip(seqs, greedy):
             n = len(s.drafts) + 1
-            if _greedy(s):  # the one-hot case of `verify`, without building distributions
+            if is_greedy:  # the one-hot case of `verify`, without building distributions
                 toks = verify_greedy(best[row:row + n], s.drafts)
             else:
                 probs = k.sampling_probs(logits[row:row + n], *self._params([s] * n, logits.device))
@@ -198,13 +204,12 @@ class Engine:
         h, normed = take_rows(h, picked), take_rows(normed, picked)
         depth = 0
         while group:
-            logits = self.graph.logits(normed)
             if all(_greedy(s) for s in group):  # greedy verification needs the drafts only, not their distributions
-                drafts = self.graph.agree_lists([[t] for t in logits.argmax(dim=-1).tolist()])
+                drafts = self.graph.agree_lists([[t] for t in self.graph.greedy(normed).tolist()])
                 for s, d in zip(group, drafts):
                     s.drafts.append(d[0])
             else:
-                probs = k.sampling_probs(logits, *self._params(group, dev))
+                probs = k.sampling_probs(self.graph.logits(normed), *self._params(group, dev))
                 drafts = self.graph.agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
                 for j, s in enumerate(group):
                     s.drafts.append(drafts[j][0])

@@ -29,11 +29,12 @@ API_VERSION = 1
 
 #: Every op of the interface, in the order a token meets them. `Capabilities.ops` names a subset of these.
 OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "decoder_layers", "mla_block", "linear", "rope", "store_latent",
-       "mla_attention", "moe_block", "moe_route", "moe_experts", "dense_mlp", "sampling_probs", "sample", "all_reduce", "all_gather")
+       "mla_attention", "moe_block", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "sampling_probs", "sample",
+       "all_reduce", "all_gather")
 
 #: Ops whose reference is written in the other ops: a backend that keeps it runs its own kernels through it, which
 #: is no fallback. A backend overrides one to fuse what it composes.
-COMPOSITE_OPS = ("decoder_layers", "mla_block", "moe_block")
+COMPOSITE_OPS = ("decoder_layers", "mla_block", "moe_block", "greedy_tokens")
 
 #: Runtime weight formats selectable with `dtype=` at load.
 DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
@@ -477,6 +478,11 @@ class Kernels:
         xf = x.float()
         h = F.silu(ggml_act.weight_matmul(xf, gate)) * ggml_act.weight_matmul(xf, up)
         return ggml_act.weight_matmul(h, down).to(x.dtype)
+
+    def greedy_tokens(self, hidden: torch.Tensor, head: Weight) -> torch.Tensor:
+        """hidden [N, D] -> [N] int64: each row's first argmax of linear(hidden, head) in fp32, the head and a greedy
+        pick (`sample` at temperature 0) in one op, without handing the [N, V] logits back. A composite of linear."""
+        return self.linear(hidden, head).float().argmax(dim=-1)
 
     def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """The distribution a token is drawn from, per row. logits [B, V] fp32 -> probs [B, V] fp32.

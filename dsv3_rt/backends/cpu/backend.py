@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from dsv3_rt.backends.cpu import attention, layers, moe, native, small_ops
 from dsv3_rt.backends.cpu.formats import (can_tile, can_tile_int4, convert_rows, fp8_to_dense, quantize_int4, quantize_int4_tiles_weight,
                                           quantize_int8_weight, release_free_heap)
-from dsv3_rt.backends.cpu.matmul import matmul
+from dsv3_rt.backends.cpu.matmul import int8_tiles_argmax, matmul
 from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
@@ -56,7 +56,7 @@ class CpuBackend(Kernels):
         weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
         ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "decoder_layers", "mla_block", "moe_block", "linear", "rope", "store_latent",
-             "mla_attention", "moe_route", "moe_experts", "dense_mlp", "sample"),
+             "mla_attention", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
         features=("mla.absorb", "mla.fused_latent_cache", "moe.grouped_by_expert", ggml_act.FEATURE),
@@ -229,6 +229,11 @@ class CpuBackend(Kernels):
 
     def dense_mlp(self, x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
         return moe.dense_mlp(x, gate, up, down)
+
+    def greedy_tokens(self, hidden: torch.Tensor, head: Weight) -> torch.Tensor:
+        """An int8-tiled head (int8 and int4) with few rows: the product and the argmax in one C call."""
+        ids = int8_tiles_argmax(hidden, head)
+        return super().greedy_tokens(hidden, head) if ids is None else ids
 
     def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                uniform: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,17 @@ def int8_tiles_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor)
     return y
 
 
+def int8_tiles_argmax(x: torch.Tensor, w: Weight) -> torch.Tensor | None:
+    """Kernels.greedy_tokens for a few fp32 rows and an int8_tiles head: `int8_tiles_matmul` and each row's first
+    argmax in one C call (the logits stay in C). None where that does not apply."""
+    if w.format != "int8_tiles" or x.dtype != torch.float32 or x.shape[0] >= INT8_C_ROWS or native.library() is None:
+        return None
+    xf = x.contiguous()
+    (n, k), ids = w.data.shape, torch.empty(x.shape[0], dtype=torch.int64)
+    native.library().dsv3_tiles_argmax(8, xf.data_ptr(), w.data.data_ptr(), w.scale.data_ptr(), ids.data_ptr(), xf.shape[0], n, k)
+    return ids
+
+
 def int8_w8a8_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Prefill: x [M, K] rounded to int8 per row (symmetric, amax / 127, as SGLang's CPU W8A8 does per token),
     times the int8 weight with exact int32 sums, both scales on the output: fp32 [M, N]. With AVX-512 VNNI one C

@@ -86,6 +86,8 @@ def library() -> ctypes.CDLL | None:
     vp, long = ctypes.c_void_p, ctypes.c_long
     lib.dsv3_tiles_matmul.argtypes = [ctypes.c_int, vp, vp, vp, vp, long, long, long]
     lib.dsv3_tiles_matmul.restype = None
+    lib.dsv3_tiles_argmax.argtypes = [ctypes.c_int, vp, vp, vp, vp, long, long, long]
+    lib.dsv3_tiles_argmax.restype = None
     lib.dsv3_mlp.argtypes = [ctypes.c_int, vp, long, long, long] + [vp] * 7
     lib.dsv3_moe_experts.argtypes = [ctypes.c_int, vp, vp, vp] + [long] * 6 + [vp] * 7
     lib.dsv3_mlp.restype = lib.dsv3_moe_experts.restype = None

@@ -6,6 +6,7 @@
  * every selected expert share one pass of the thread team, and so do their down products: two team entries
  * per layer instead of three per expert.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,6 +128,31 @@ void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long
     for (long i = 0; i < count; i++)
         ps[i] = (product){ xs[i], { (const uint8_t *)data[i], (const uint16_t *)scale[i] }, ys[i], ms[i], ns[i], k };
     run(bits, ps, count);
+}
+
+/* The first index of the largest of y[0 .. n), as torch.argmax (NaN aside: it never wins here). Per lane the
+ * strict > keeps a lane's first maximum; across lanes the lowest index among the equal maxima wins. */
+static long argmax(const float *y, long n) {
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i at = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (long c = 0; c < n; c += 16) {
+        const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), dsv3_lanes(n - c), y + c);
+        const __mmask16 up = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, up, v);
+        at = _mm512_mask_mov_epi32(at, up, idx);
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+    }
+    const float top = _mm512_reduce_max_ps(best);
+    const __mmask16 tops = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
+    return _mm512_mask_reduce_min_epi32(tops, at);
+}
+
+/* ids [m] = the first argmax of each row of x [m, k] @ W.T (a tiled head): Kernels.greedy_tokens. */
+void dsv3_tiles_argmax(int bits, const float *x, const void *data, const void *scale, int64_t *ids, long m, long n, long k) {
+    float *y = malloc(m * n * sizeof(float));
+    dsv3_tiles_matmul(bits, x, data, scale, y, m, n, k);
+    for (long r = 0; r < m; r++) ids[r] = argmax(y + r * n, n);
+    free(y);
 }
 
 /* g = silu(g) * u = g / (1 + exp(-g)) * u over n floats. */
