@@ -1,9 +1,10 @@
-"""Kernels.decoder_layers for a decode or MTP verification step: the whole stack of layers in one C call
-(`native/layers.c`), each block the same C call `attention.mla_block` / `moe.moe_block` / the dense MLP would make.
+"""Kernels.decoder_layers for a decode step, an MTP verification or an MTP draft: the whole stack of layers and the
+norm after it in one C call (`native/layers.c`), each block the same C function `attention.mla_block` /
+`moe.moe_block` / the dense MLP would call.
 
 Between two blocks' calls the interpreter's code and data have left the caches (each block streams megabytes of
-weights), so the Python, torch and ctypes work around a block cost 20-70 us on the bench preset: ~0.7 ms of a
-~9 ms int8 token, with the roofline measured at 79 %. One call per step leaves one such gap.
+weights), so the Python, torch and ctypes work around a block cost 20-70 us on the bench preset (2026-12-06: ~0.7 ms
+of a ~9-15 ms int8 token). One call per step leaves one such gap.
 """
 from __future__ import annotations
 
