@@ -48,7 +48,7 @@ static void project(const tiled *w, const float *x, float *y, long m) {
 }
 
 /* One call's inputs and buffers, shared by the threads that split its rows. */
-typedef struct {
+typedef struct mla_call {
     const block_args *a;
     const float *h, *residual, *norm;
     float *stream;
@@ -126,14 +126,13 @@ static void block_rows(const mla_call *c, long c0, long c1, long q0, long q1) {
     project(&a->o, heads_out + q0 * heads * a->dv, c->out + q0 * a->o.n, q1 - q0);
 }
 
-/* The residual stream h [t, D] and residual (NULL in a first layer) -> out [t, o.n] (last_only: [count, o.n], each
- * sequence's last token; every token enters the cache) and stream = h + residual [t, D] (untouched without a
- * residual); norm [D] the block's pre-norm; positions [t]; spans [count][4] = (slot, start, row offset, length).
- * Rows go to threads of their own where the block's products are small (team.h). */
-void dsv3_mla_block(const block_args *a, const float *h, const float *residual, const float *norm, float *stream,
-                    const int64_t *positions, long t, const long *spans, long count, int last_only, float *out) {
+/* A call's buffers and row tables for t rows (m of them query rows) of this block's shapes; layers.c shares one
+ * between the layers of a stack, whose blocks all have these shapes. */
+mla_call *dsv3_mla_call_new(const block_args *a, const int64_t *positions, long t, const long *spans, long count,
+                            int last_only) {
     const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, qw = dn + dr, d = a->kv_a.k;
     const long m = last_only ? count : t, lora = a->q_a.data ? a->q_a.n : 0;
+    mla_call *c = calloc(1, sizeof(mla_call));
     int64_t *pos = malloc(m * sizeof(int64_t));
     long *att = malloc(4 * count * sizeof(long));
     for (long s = 0; s < count; s++) {  /* the rows that go on past the cache: their positions and spans */
@@ -143,38 +142,67 @@ void dsv3_mla_block(const block_args *a, const float *h, const float *residual, 
         const long span[4] = { slot, start + n - rows, at, rows };
         memcpy(att + 4 * s, span, sizeof span);
     }
-    mla_call c = { a, h, residual, norm, stream, positions, spans, att, t, m, count, last_only };
-    c.x = malloc(t * d * sizeof(float));
-    c.xm = malloc(m * d * sizeof(float));
-    c.kv = malloc(t * (r + dr) * sizeof(float));
-    c.q = malloc(m * heads * qw * sizeof(float));
-    c.qa = malloc(2 * m * lora * sizeof(float) + 1);
-    c.q_nope = malloc(m * heads * (dn + 2 * dr) * sizeof(float));
-    c.pe = c.q_nope + m * heads * dn;
-    c.q_pe = c.pe + m * heads * dr;
-    c.out = out;
-    c.pos = pos;
-    long row_work = (a->kv_a.n + lora) * d;  /* the largest pass of one row: kv_a with q_a, q_b, o, attention */
-    const long per_row[3] = { a->q_b.n * a->q_b.k, a->o.n * a->o.k, heads * (dn * r + r * a->dv) };
-    for (int i = 0; i < 3; i++) row_work = per_row[i] > row_work ? per_row[i] : row_work;
-    if (dsv3_split_rows(t, row_work)) {
+    c->a = a, c->positions = positions, c->spans = spans, c->att = att, c->pos = pos;
+    c->t = t, c->m = m, c->count = count, c->last_only = last_only;
+    c->x = malloc(t * d * sizeof(float));
+    c->xm = malloc(m * d * sizeof(float));
+    c->kv = malloc(t * (r + dr) * sizeof(float));
+    c->q = malloc(m * heads * qw * sizeof(float));
+    c->qa = malloc(2 * m * lora * sizeof(float) + 1);
+    c->q_nope = malloc(m * heads * (dn + 2 * dr) * sizeof(float));
+    c->pe = c->q_nope + m * heads * dn;
+    c->q_pe = c->pe + m * heads * dr;
+    return c;
+}
+
+void dsv3_mla_call_free(mla_call *c) {
+    free(c->q_nope);
+    free(c->qa);
+    free(c->q);
+    free(c->kv);
+    free(c->xm);
+    free(c->x);
+    free((long *)c->att);
+    free(c->pos);
+    free(c);
+}
+
+/* The block `a` over cache rows [c0, c1) and query rows [q0, q1) of a call's buffers (see block_rows): every thread
+ * of a team with its share, or one thread with all of them. */
+void dsv3_mla_rows(const mla_call *shared, const block_args *a, const float *h, const float *residual, const float *norm,
+                   float *stream, float *out, long c0, long c1, long q0, long q1) {
+    mla_call c = *shared;
+    c.a = a, c.h = h, c.residual = residual, c.norm = norm, c.stream = stream, c.out = out;
+    block_rows(&c, c0, c1, q0, q1);
+}
+
+/* The largest pass of one row (kv_a with q_a, q_b, o, the attention's two weight products): what team.h compares. */
+long dsv3_mla_row_work(const block_args *a) {
+    const long lora = a->q_a.data ? a->q_a.n : 0;
+    long work = (a->kv_a.n + lora) * a->kv_a.k;
+    const long per_row[3] = { a->q_b.n * a->q_b.k, a->o.n * a->o.k, a->heads * (a->dn * a->r + a->r * a->dv) };
+    for (int i = 0; i < 3; i++) work = per_row[i] > work ? per_row[i] : work;
+    return work;
+}
+
+/* The residual stream h [t, D] and residual (NULL in a first layer) -> out [t, o.n] (last_only: [count, o.n], each
+ * sequence's last token; every token enters the cache) and stream = h + residual [t, D] (untouched without a
+ * residual); norm [D] the block's pre-norm; positions [t]; spans [count][4] = (slot, start, row offset, length).
+ * Rows go to threads of their own where the block's products are small (team.h). */
+void dsv3_mla_block(const block_args *a, const float *h, const float *residual, const float *norm, float *stream,
+                    const int64_t *positions, long t, const long *spans, long count, int last_only, float *out) {
+    mla_call *c = dsv3_mla_call_new(a, positions, t, spans, count, last_only);
+    if (dsv3_split_rows(t, dsv3_mla_row_work(a))) {
         #pragma omp parallel
         {
             const long id = omp_get_thread_num(), threads = omp_get_num_threads();
             long c0, c1, q0, q1;
             dsv3_share(t, id, threads, &c0, &c1);
-            dsv3_share(m, id, threads, &q0, &q1);
-            block_rows(&c, c0, c1, q0, q1);
+            dsv3_share(c->m, id, threads, &q0, &q1);
+            dsv3_mla_rows(c, a, h, residual, norm, stream, out, c0, c1, q0, q1);
         }
     } else {
-        block_rows(&c, 0, t, 0, m);
+        dsv3_mla_rows(c, a, h, residual, norm, stream, out, 0, t, 0, c->m);
     }
-    free(c.q_nope);
-    free(c.qa);
-    free(c.q);
-    free(c.kv);
-    free(c.xm);
-    free(c.x);
-    free(att);
-    free(pos);
+    dsv3_mla_call_free(c);
 }

@@ -22,7 +22,7 @@ void dsv3_mlp(int bits, const float *x, long m, long d, long inter, const void *
               const void *up, const void *up_scale, const void *down, const void *down_scale, float *y);
 
 /* Mirrored by `moe._BlockArgs`. shared_gate NULL: no shared expert. Weights are tiled, all of one `bits`. */
-typedef struct {
+typedef struct moe_args {
     int bits;
     const float *router, *bias;  /* [e, d] fp32; bias [e] or NULL */
     long e, d, top_k, n_group, topk_group;
@@ -34,8 +34,8 @@ typedef struct {
     const void *shared_gate, *shared_gate_scale, *shared_up, *shared_up_scale, *shared_down, *shared_down_scale;
 } moe_args;
 
-/* The block over rows of h, residual, stream and out [t, d]. */
-static void block_rows(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
+/* The block over rows of h, residual, stream and out [t, d] (layers.c runs each thread's share of a stack's rows). */
+void dsv3_moe_rows(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
                        float *stream, long t, float *out) {
     const long d = a->d;
     float *x = malloc(t * d * sizeof(float));
@@ -57,15 +57,20 @@ static void block_rows(const moe_args *a, const float *h, const float *residual,
     free(x);
 }
 
+/* A row's largest pass: the gate and up products of its routed experts, or of the shared expert (team.h). */
+long dsv3_moe_row_work(const moe_args *a) {
+    const long routed = a->top_k * a->inter;
+    return 2 * a->d * (routed > a->shared_inter ? routed : a->shared_inter);
+}
+
 /* The residual stream h, residual [t, d] -> out [t, d], this rank's part (the caller's all_reduce sums the ranks),
  * and stream = h + residual; norm [d] the block's pre-norm. Rows go to threads of their own where the block's
- * products are small (team.h): a row's largest pass is the gate and up products of its routed experts, or of the
- * shared expert. */
+ * products are small (team.h). */
 void dsv3_moe_block(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
                     float *stream, long t, float *out) {
-    const long d = a->d, routed = a->top_k * a->inter;
-    if (!dsv3_split_rows(t, 2 * d * (routed > a->shared_inter ? routed : a->shared_inter))) {
-        block_rows(a, h, residual, norm, eps, stream, t, out);
+    const long d = a->d;
+    if (!dsv3_split_rows(t, dsv3_moe_row_work(a))) {
+        dsv3_moe_rows(a, h, residual, norm, eps, stream, t, out);
         return;
     }
     #pragma omp parallel
@@ -73,6 +78,6 @@ void dsv3_moe_block(const moe_args *a, const float *h, const float *residual, co
         long r0, r1;
         dsv3_share(t, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
         if (r1 > r0)
-            block_rows(a, h + r0 * d, residual + r0 * d, norm, eps, stream + r0 * d, r1 - r0, out + r0 * d);
+            dsv3_moe_rows(a, h + r0 * d, residual + r0 * d, norm, eps, stream + r0 * d, r1 - r0, out + r0 * d);
     }
 }
