@@ -7,8 +7,8 @@ head dim r + dr); a fresh prompt or a long chunk uses the naive form through `sc
 (causal MHA with head dim dn + dr, cheaper when many queries share the keys; v padded to that head dim so the
 flash kernel runs). W_UK / W_UV are split from kv_b once per weight. In fp32 the
 absorbed form is one C call per sequence (`small_ops.mla_absorbed`) instead of a dozen small torch ops; under
-int8 / int4 that call reads W_UK / W_UV^T as int8 with a scale per row, a quarter of the fp32 bytes (on the bench
-preset 2 MiB a layer, the largest read of a decode step's attention).
+int8 / int4 that call reads W_UK^T and W_UV as int8 tiles with a bf16 scale per row, a quarter of the fp32 bytes (on
+the bench preset 2 MiB a layer, the largest read of a decode step's attention), through the int8 tile kernel.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import native, small_ops
-from dsv3_rt.backends.cpu.formats import TILED_BITS
+from dsv3_rt.backends.cpu.formats import TILED_BITS, can_tile, quantize_int8, tile_int8
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.kernels import AttentionWeights, LatentCache, MLASpec
-from dsv3_rt.core.weights import Weight
+from dsv3_rt.core.weights import Weight, dense
 
 #: a chunk of this many new tokens on a cached prefix takes the naive form too: decompressing the prefix's keys
 #: and values costs less than attending over the latent from that many queries, and the flash kernel applies
@@ -75,24 +75,29 @@ def split_kv_b(kv_b: Weight, heads: int, dn: int, dtype: torch.dtype) -> tuple[t
 _INT8_SPLIT = "cpu.mla.int8"  # kv_b.meta key (with heads and dn) of its int8 absorbed copies
 
 
-def split_kv_b_int8(kv_b: Weight, heads: int, dn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`split_kv_b`'s W_UK and W_UV^T as int8 with one fp32 scale per row (symmetric, amax / 127): (w_uk [H, dn, r],
-    its scales [H, dn], w_uv_t [H, r, dv], its scales [H, r]), made on first use and kept in the weight's meta."""
+def split_kv_b_int8(kv_b: Weight, heads: int, dn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`split_kv_b`'s two halves as int8 tiles with a bf16 scale per row, laid out for matrix-vector products: (W_UK^T
+    [H * r, dn], its scales [H * r], W_UV [H * dv, r], its scales [H * dv]), made on first use and kept in the
+    weight's meta; None where they do not tile (the absorbed form then reads them in fp32)."""
     key = (_INT8_SPLIT, heads, dn)
-    got = kv_b.meta.get(key)
-    if got is None:
-        got = ()
-        for w in split_kv_b(kv_b, heads, dn, torch.float32):
-            s = w.abs().amax(-1).clamp(min=1e-30) / 127
-            got += (torch.round(w / s[..., None]).to(torch.int8).contiguous(), s.contiguous())
+    if key not in kv_b.meta:
+        w = kv_b.dequantize(torch.float32).view(heads, -1, kv_b.shape[-1])  # [H, dn + dv, r]
+        r = w.shape[-1]
+        halves = [dense(w[:, :dn].transpose(1, 2).reshape(heads * r, dn)), dense(w[:, dn:].reshape(-1, r))]
+        got = None
+        if all(can_tile(h) for h in halves):
+            got = ()
+            for half in halves:
+                tiles = tile_int8(quantize_int8(half.data))
+                got += (tiles.data, tiles.scale)
         kv_b.meta[key] = got
-    return got
+    return kv_b.meta[key]
 
 
 def int8_split_bytes(kv_b: Weight) -> int | None:
     """Bytes of the int8 absorbed copies of kv_b (what decode reads instead of kv_b), None until they are made."""
     for key, copy in kv_b.meta.items():
-        if isinstance(key, tuple) and key[0] == _INT8_SPLIT:
+        if isinstance(key, tuple) and key[0] == _INT8_SPLIT and copy is not None:
             return sum(t.nbytes for t in copy)
     return None
 
@@ -106,14 +111,14 @@ def store_latent(kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache, layer
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, kv_b: Weight,
                   cache: LatentCache, layer: int, batch: AttnBatch, scale: float, int8_absorbed: bool = False) -> torch.Tensor:
-    """int8_absorbed: the absorbed form's C call reads W_UK / W_UV^T as int8 per row (`split_kv_b_int8`)."""
+    """int8_absorbed: the absorbed form's C call reads W_UK^T / W_UV as int8 tiles (`split_kv_b_int8`)."""
     t, heads, dn = q_nope.shape
     dtype = q_nope.dtype
     w_uk, w_uv_t = split_kv_b(kv_b, heads, dn, dtype)
     # the absorbed form's weights: (w_uk, its row scales, w_uv_t, its row scales), scales None for fp32
     absorbed = (w_uk, None, w_uv_t, None)
     if int8_absorbed and dtype == torch.float32:
-        absorbed = split_kv_b_int8(kv_b, heads, dn)
+        absorbed = split_kv_b_int8(kv_b, heads, dn) or absorbed
     r = w_uk.shape[-1]
     store_latent(kv, k_pe, cache, layer, batch)
     out = torch.empty(t, heads, w_uv_t.shape[-1], dtype=dtype, device=q_nope.device)
@@ -198,9 +203,11 @@ def _block_args(aw: AttentionWeights, spec: MLASpec) -> _BlockArgs | None:
     args = None
     if (None not in proj and all(t.dtype == torch.float32 and t.is_contiguous() for t in vecs)
             and spec.dv <= spec.dn + spec.dr and native.library() is not None):
-        w_uk, uk_scale, w_uv_t, uv_scale = split_kv_b_int8(aw.kv_b, spec.heads, spec.dn)
+        w_uk, uk_scale, w_uv_t, uv_scale = (split_kv_b_int8(aw.kv_b, spec.heads, spec.dn)
+                                            or (*split_kv_b(aw.kv_b, spec.heads, spec.dn, torch.float32), None, None))
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         args = _BlockArgs(*proj, None if aw.q_a_norm is None else aw.q_a_norm.data_ptr(), aw.kv_a_norm.data_ptr(),
-                          w_uk.data_ptr(), w_uv_t.data_ptr(), uk_scale.data_ptr(), uv_scale.data_ptr(), None, 0,
+                          w_uk.data_ptr(), w_uv_t.data_ptr(), ptr(uk_scale), ptr(uv_scale), None, 0,
                           spec.heads, spec.dn, spec.dr, spec.r, spec.dv, spec.inv_freq.data_ptr(), spec.rope_factor,
                           spec.eps, spec.softmax_scale)
     aw.kv_a.meta[_BLOCK_KEY] = (spec, args)

@@ -25,7 +25,7 @@ The default is int8: at batch 1 decode reads every active weight once per token,
 and its per-row rounding stays inside the conformance tolerances;
 int4 is faster still but moves logits several times more (it is a choice, not a default). The router
 stays fp32 and kv_b dense (both small), as in the reference, except that decode's absorbed MLA reads its two
-halves as int8 per row (attention.split_kv_b_int8).
+halves as int8 tiles, per row (attention.split_kv_b_int8).
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ class CpuBackend(Kernels):
                                           "llama.cpp's 4-bit dot products do), on top of bf16-level rounding"),
                                  ("int8", "prefill (128+ rows) rounds activations to int8 per row for an int8 GEMM "
                                           "(W8A8 with per-token scales, as SGLang's CPU backend); fewer rows with VNNI per 64-column group, and "
-                                          "decode's absorbed MLA reads kv_b's halves as int8 per row"))},
+                                          "decode's absorbed MLA reads kv_b's halves as int8 per row, its two products rounding q_nope and the "
+                                          "latent as the other products round theirs"))},
         **{f"moe_block*:{dtype}": Tolerance(6e-2, 6e-2, "the sum of moe_experts and dense_mlp (the shared expert), "
                                             "two independent roundings each within their 4e-2") for dtype in ("int8", "int4")},
         **{f"decoder_layers*:{dtype}": Tolerance(1e-1, 1e-1, "two layers of the blocks above, each within its own tolerance: "

@@ -94,14 +94,16 @@ def mla_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w
                  start: int, scale: float, uk_scale: torch.Tensor | None = None,
                  uv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """[n, H, dv]: the n tokens at positions start .. start + n - 1 of one sequence over its cached keys
-    [start + n, r + dr] (see dsv3_mla_absorbed); w_uk / w_uv_t fp32, or int8 with per-row fp32 scales."""
+    [start + n, r + dr] (see dsv3_mla_absorbed); w_uk / w_uv_t fp32 W_UK [H, dn, r] / W_UV^T [H, r, dv], or with their
+    bf16 row scales the int8 tiles of W_UK^T [H * r, dn] / W_UV [H * dv, r] (attention.split_kv_b_int8)."""
     if not all_fp32(q_nope, q_pe, keys):
         return None
     if uk_scale is None and not all_fp32(w_uk, w_uv_t):
         return None
     qn, qp, k = q_nope.contiguous(), q_pe.contiguous(), keys.contiguous()
     n, heads, dn = qn.shape
-    r, dv = w_uv_t.shape[-2:]
+    r = k.shape[-1] - qp.shape[-1]
+    dv = w_uv_t.shape[-1] if uv_scale is None else w_uv_t.shape[0] // heads
     out = torch.empty(n, heads, dv, dtype=torch.float32)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     native.library().dsv3_mla_absorbed(qn.data_ptr(), qp.data_ptr(), w_uk.data_ptr(), ptr(uk_scale), w_uv_t.data_ptr(),

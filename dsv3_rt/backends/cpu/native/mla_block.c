@@ -20,8 +20,8 @@ void dsv3_add_rms_norm(const float *x, const float *residual, const float *w, fl
                        float eps);
 void dsv3_rope(const float *x, const int64_t *positions, const float *inv_freq, float factor, float *y, long t,
                long rows_per_token, long d);
-void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const void *w_uk, const float *uk_scale,
-                       const void *w_uv_t, const float *uv_scale, const float *keys, float *out, long n, long heads,
+void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const void *w_uk, const void *uk_scale,
+                       const void *w_uv_t, const void *uv_scale, const float *keys, float *out, long n, long heads,
                        long dn, long dr, long r, long dv, long start, float scale);
 
 /* A tiled weight [n, k] (bits 8: int8_tiles and its bf16 row scales; 4: int4_tiles, scale NULL). */
@@ -35,8 +35,8 @@ typedef struct {
 typedef struct {
     tiled q_a, q_b, kv_a, o;
     const float *q_a_norm, *kv_a_norm;
-    const void *w_uk, *w_uv_t;         /* [heads, dn, r], [heads, r, dv]: fp32, or int8 with the scales below */
-    const float *uk_scale, *uv_scale;  /* [heads, dn], [heads, r]; NULL for fp32 */
+    const void *w_uk, *w_uv_t;         /* fp32 W_UK [heads, dn, r], W_UV^T [heads, r, dv]; or int8 tiles W_UK^T [heads * r, dn], */
+    const void *uk_scale, *uv_scale;   /* W_UV [heads * dv, r] with these bf16 row scales (NULL for fp32): see ops.c */
     float *cache;                      /* this layer's fused cache [slots, max_len, r + dr] */
     long max_len, heads, dn, dr, r, dv;
     const float *inv_freq;

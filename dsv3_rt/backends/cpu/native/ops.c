@@ -10,6 +10,8 @@
 #include "team.h"
 #include "vmath.h"
 
+void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k);
+
 static float rms_scale(const float *x, long d, float eps) {
     float ss = 0.0f;
     #pragma omp simd reduction(+ : ss)
@@ -106,58 +108,58 @@ void dsv3_moe_route(const float *x, const float *gate, const float *bias, long t
 /* MLA in its absorbed form for tokens on a cached prefix (decode, MTP verification, a chunk after a prefix):
  * token i (at position start + i) of one sequence attends over keys[0 .. start + i], the fused latent cache
  * rows [latent r | roped key dr]. Per head h:
- *   q = [q_nope[i, h] @ w_uk[h], q_pe[i, h]],  p = softmax(scale * keys @ q),  out[i, h] = (p @ latent) @ w_uv_t[h]
- * q_nope [n, heads, dn], q_pe [n, heads, dr], w_uk [heads, dn, r], w_uv_t [heads, r, dv], out [n, heads, dv].
- * The two weights are fp32, or int8 with one fp32 scale per row (uk_scale [heads, dn], uv_scale [heads, r]; NULL
- * for fp32): each product sums rows of its weight times one coefficient per row, so a row's scale multiplies that
- * coefficient and the int8 bytes are read as they are, a quarter of fp32's.
+ *   q = [W_UK[h]^T q_nope[i, h], q_pe[i, h]],  p = softmax(scale * keys @ q),  out[i, h] = W_UV[h] (p @ latent)
+ * q_nope [n, heads, dn], q_pe [n, heads, dr], out [n, heads, dv]. The two weights are fp32, w_uk = W_UK [heads, dn, r]
+ * and w_uv_t = W_UV^T [heads, r, dv] (uk_scale and uv_scale NULL), or int8 tiles with bf16 row scales, w_uk = W_UK^T
+ * [heads * r, dn] (uk_scale [heads * r]) and w_uv_t = W_UV [heads * dv, r] (uv_scale [heads * dv]): each head's two
+ * products are then the int8 tile kernel's matrix-vector products (with VNNI, its activation rounded per 64 as for
+ * every int8 product), where summing fp32 rows widened from int8 one by one took ~half of a bench-preset layer's
+ * attention.
  * A work item (one thread's) is one token and a block of HEAD_BLOCK heads, in groups of 4 that read each cached
  * key row once together for the scores and once for the sum (head by head, 16 heads reread a layer's cache 16 times). */
 #define HEAD_BLOCK 8
 
 typedef struct {
-    const float *q_nope, *q_pe, *keys, *uk_scale, *uv_scale;
-    const void *w_uk, *w_uv_t;
+    const float *q_nope, *q_pe, *keys;
+    const void *uk_scale, *uv_scale, *w_uk, *w_uv_t;
     float *out;
     long heads, dn, dr, r, dv, start;
     float scale;
 } mla_args;
 
-/* acc[0 .. width) += coef[a] * w[a][c0 .. c0 + width) for row a of w [rows, cols]: fp32, or int8 times scale[a]. */
-static inline __attribute__((always_inline)) void add_row(const void *w, const float *scale, const float *coef, long a,
-                                                          long cols, long c0, long width, float *acc) {
-    if (scale) {
-        const int8_t *wa = (const int8_t *)w + a * cols + c0;
-        const float ca = coef[a] * scale[a];
-        #pragma omp simd
-        for (long c = 0; c < width; c++) acc[c] += ca * (float)wa[c];
-    } else {
-        const float *wa = (const float *)w + a * cols + c0, ca = coef[a];
+/* acc[c] += sum_a coef[a] * w[a][c] over the rows of fp32 w [rows, cols]. Whole blocks of 64 columns sum in a local
+ * block of constant width that the compiler keeps in registers: summed straight into acc, every row stored and
+ * reloaded it. Each acc[c] adds the same products in the same order either way. */
+#define COLUMN_BLOCK 64
+static inline __attribute__((always_inline)) void add_block(const float *w, const float *coef, long rows, long cols,
+                                                            long c0, long width, float *acc) {
+    for (long a = 0; a < rows; a++) {
+        const float *wa = w + a * cols + c0, ca = coef[a];
         #pragma omp simd
         for (long c = 0; c < width; c++) acc[c] += ca * wa[c];
     }
 }
 
-/* acc[c] += sum_a coef[a] * w[a][c] over the rows of w [rows, cols]. Whole blocks of 64 columns sum in a local block
- * of constant width that the compiler keeps in registers: summed straight into acc, every row stored and reloaded
- * it (the bench preset's two products at one token, int8, one thread: 61 -> 35-43 us). Each acc[c] adds the same
- * products in the same order either way. */
-#define COLUMN_BLOCK 64
-static void add_rows(const void *w, const float *scale, const float *coef, long rows, long cols, float *acc) {
+static void add_rows(const float *w, const float *coef, long rows, long cols, float *acc) {
     long c0 = 0;
     for (; c0 + COLUMN_BLOCK <= cols; c0 += COLUMN_BLOCK) {
         float block[COLUMN_BLOCK];
         memcpy(block, acc + c0, sizeof block);
-        for (long a = 0; a < rows; a++) add_row(w, scale, coef, a, cols, c0, COLUMN_BLOCK, block);
+        add_block(w, coef, rows, cols, c0, COLUMN_BLOCK, block);
         memcpy(acc + c0, block, sizeof block);
     }
-    if (c0 < cols)  /* the last cols % 64 columns */
-        for (long a = 0; a < rows; a++) add_row(w, scale, coef, a, cols, c0, cols - c0, acc + c0);
+    if (c0 < cols) add_block(w, coef, rows, cols, c0, cols - c0, acc + c0);  /* the last cols % 64 columns */
 }
 
-/* Matrix `index` of a stack of [rows, cols] matrices (fp32, or int8 when scale) and its rows' scales. */
-static const void *matrix_at(const void *w, const float *scale, long index, long rows, long cols) {
-    return (const char *)w + index * rows * cols * (scale ? 1 : (long)sizeof(float));
+/* y [rows] = w x for head h: fp32 (x @ w[h], w [heads, cols, rows]) or int8 tiles (w [heads * rows, cols] with bf16
+ * row scales). */
+static void head_product(const void *w, const void *scale, long h, const float *x, long rows, long cols, float *y) {
+    if (scale) {
+        dsv3_tiles_matmul(8, x, (const int8_t *)w + h * rows * cols, (const uint16_t *)scale + h * rows, y, 1, rows, cols);
+        return;
+    }
+    for (long c = 0; c < rows; c++) y[c] = 0.0f;
+    add_rows((const float *)w + h * rows * cols, x, cols, rows, y);
 }
 
 /* p = softmax(p) over n floats, in place. */
@@ -253,9 +255,7 @@ static void mla_heads(const mla_args *m, long i, long h0, long nh) {
     for (long b = 0; b < nh; b++) {  /* q[b] = [q_nope @ w_uk, q_pe] for head h0 + b */
         long ih = i * m->heads + h0 + b, h = h0 + b;
         float *qb = q + b * width;
-        for (long c = 0; c < r; c++) qb[c] = 0.0f;
-        add_rows(matrix_at(m->w_uk, m->uk_scale, h, dn, r), m->uk_scale ? m->uk_scale + h * dn : NULL,
-                 m->q_nope + ih * dn, dn, r, qb);
+        head_product(m->w_uk, m->uk_scale, h, m->q_nope + ih * dn, r, dn, qb);
         memcpy(qb + r, m->q_pe + ih * dr, dr * sizeof(float));
     }
     for (long b = 0; b < nh; b += 4) {  /* groups of up to 4 heads: see scores and weighted_latent */
@@ -270,9 +270,7 @@ static void mla_heads(const mla_args *m, long i, long h0, long nh) {
     for (long b = 0; b < nh; b++) {
         float *o = m->out + (i * m->heads + h0 + b) * dv;
         const long h = h0 + b;
-        for (long c = 0; c < dv; c++) o[c] = 0.0f;
-        add_rows(matrix_at(m->w_uv_t, m->uv_scale, h, r, dv), m->uv_scale ? m->uv_scale + h * r : NULL,
-                 latent + b * r, r, dv, o);
+        head_product(m->w_uv_t, m->uv_scale, h, latent + b * r, dv, r, o);
     }
     free(q);
 }
@@ -282,8 +280,8 @@ static void mla_item(const mla_args *m, long t) {
     mla_heads(m, t / blocks, h0, m->heads - h0 < HEAD_BLOCK ? m->heads - h0 : HEAD_BLOCK);
 }
 
-void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const void *w_uk, const float *uk_scale,
-                       const void *w_uv_t, const float *uv_scale, const float *keys, float *out, long n, long heads,
+void dsv3_mla_absorbed(const float *q_nope, const float *q_pe, const void *w_uk, const void *uk_scale,
+                       const void *w_uv_t, const void *uv_scale, const float *keys, float *out, long n, long heads,
                        long dn, long dr, long r, long dv, long start, float scale) {
     const mla_args m = { q_nope, q_pe, keys, uk_scale, uv_scale, w_uk, w_uv_t, out, heads, dn, dr, r, dv, start, scale };
     const long items = n * ((heads + HEAD_BLOCK - 1) / HEAD_BLOCK);
