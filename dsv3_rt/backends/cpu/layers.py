@@ -32,12 +32,12 @@ def _fp32_vector(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.is_contiguous()
 
 
-def _stack_args(layers: Sequence[LayerWeights], first: int, spec: MLASpec, router: RouterSpec,
-                cache: LatentCache) -> tuple[ctypes.Array, int] | None:
-    """The C call's per-layer arguments (made once per stack, spec and cache), and the smallest expert count of its
-    MoE layers; None where a block of the stack would not run in C (see `attention.mla_block` and `moe.moe_block`)."""
+def _stack_args(layers: Sequence[LayerWeights], first: int, spec: MLASpec, router: RouterSpec, cache: LatentCache,
+                base: torch.Tensor) -> tuple[ctypes.Array, int] | None:
+    """The C call's per-layer arguments (made once per stack, spec and cache; base: the cache's buffer of layer
+    `first`, which identifies it), and the smallest expert count of its MoE layers; None where a block of the stack
+    would not run in C (see `attention.mla_block` and `moe.moe_block`)."""
     meta = layers[0].attn.kv_a.meta
-    base = attention.fused_base(cache, first)
     got = meta.get(_STACK_KEY)
     if got is not None and got[0]() is base and got[1] is spec and got[2] is router and got[3] == len(layers):
         return got[4]
@@ -79,12 +79,13 @@ def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, 
     if (t >= attention.BLOCK_ROWS or m >= moe.C_MLP_ROWS or m > small_ops.ROUTE_TOKENS or not small_ops.all_fp32(h)
             or not _fp32_vector(norm)):
         return None
-    if attention.fused_base(cache, first) is None:
+    base = attention.fused_base(cache, first)
+    if base is None:
         return None
     table, fresh = attention.step_spans(batch)
     if fresh and not last_only:
         return None
-    stack = _stack_args(layers, first, spec, router, cache)
+    stack = _stack_args(layers, first, spec, router, cache, base)
     if stack is None:
         return None
     args, fewest_experts = stack

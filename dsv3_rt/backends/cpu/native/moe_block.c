@@ -36,7 +36,7 @@ typedef struct moe_args {
 
 /* The block over rows of h, residual, stream and out [t, d] (layers.c runs each thread's share of a stack's rows). */
 void dsv3_moe_rows(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
-                       float *stream, long t, float *out) {
+                   float *stream, long t, float *out) {
     const long d = a->d;
     float *x = malloc(t * d * sizeof(float));
     dsv3_add_rms_norm(h, residual, norm, x, stream, t, d, eps);
