@@ -7,7 +7,9 @@ continuously batched mix of all of them are the same thing here.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -17,7 +19,7 @@ class AttnBatch:
     slots: list[int]  # cache row of each sequence
     starts: list[int]  # tokens already in the cache for each sequence
     lengths: list[int]  # new tokens of each sequence in this step
-    positions: torch.Tensor  # [T] int64 absolute position of each token, on the compute device
+    device: torch.device | str = "cpu"  # where `positions` lives
 
     @classmethod
     def build(cls, slots: list[int], starts: list[int], lengths: list[int], device: torch.device | str = "cpu") -> AttnBatch:
@@ -25,9 +27,18 @@ class AttnBatch:
             raise ValueError("slots, starts and lengths must have one entry per sequence")
         if any(n <= 0 for n in lengths):
             raise ValueError("every sequence in a step must bring at least one token")
-        # one tensor from a Python list: a decode step's few positions cost ~5 us this way, ~45 us as aranges + cat
-        pos = torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)], dtype=torch.int64, device=device)
-        return cls(list(slots), list(starts), list(lengths), pos)
+        return cls(list(slots), list(starts), list(lengths), device)
+
+    @property
+    def position_list(self) -> list[int]:
+        """The absolute position of each token, in the flat token order."""
+        return [p for s, n in zip(self.starts, self.lengths) for p in range(s, s + n)]
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """[T] int64 position of each token on the compute device, made on first use: a backend whose kernels take
+        the positions another way (the cpu backend's C calls) never pays for the tensor."""
+        return int64_tensor(self.position_list, self.device)
 
     @classmethod
     def single(cls, length: int, start: int = 0, slot: int = 0, device: torch.device | str = "cpu") -> AttnBatch:
@@ -49,7 +60,7 @@ class AttnBatch:
     def last_tokens(self) -> AttnBatch:
         """The batch of each sequence's last new token only (its cache then holds the tokens before it)."""
         return AttnBatch(list(self.slots), [s + n - 1 for s, n in zip(self.starts, self.lengths)], [1] * len(self.slots),
-                         take_rows(self.positions, self.last_token_rows))  # (a view for one sequence: no new tensor)
+                         self.device)
 
     def spans(self) -> list[tuple[int, int, int, int]]:
         """(slot, start, row offset in the flat batch, length) per sequence."""
@@ -60,8 +71,17 @@ class AttnBatch:
         return out
 
 
+def int64_tensor(values: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """A small int64 tensor from a list, through an array's buffer: a decode step makes a few (token ids, positions)
+    and runs cold, its code evicted by the weight stream, where torch.tensor(list) (type inference per element) cost
+    ~40-60 us and this ~15-25 us."""
+    t = torch.frombuffer(array("q", values), dtype=torch.int64) if values else torch.empty(0, dtype=torch.int64)
+    return t if torch.device(device).type == "cpu" else t.to(device)
+
+
 def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x[rows]: a view when the rows are consecutive (a step's usual case), else a gather."""
+    """x[rows]: x itself for all its rows in order, a view when the rows are consecutive (a step's usual case),
+    else a gather."""
     if rows and rows == list(range(rows[0], rows[0] + len(rows))):
-        return x[rows[0]:rows[0] + len(rows)]
-    return x[torch.tensor(rows, dtype=torch.int64, device=x.device)]
+        return x if rows[0] == 0 and len(rows) == x.shape[0] else x[rows[0]:rows[0] + len(rows)]
+    return x[int64_tensor(rows, x.device)]

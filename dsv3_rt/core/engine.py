@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv3_rt.core.batch import AttnBatch, take_rows
+from dsv3_rt.core.batch import AttnBatch, int64_tensor, take_rows
 from dsv3_rt.core.errors import RequestError
 from dsv3_rt.core.sampling import SamplingParams
 from dsv3_rt.core.speculative import SpecStats, draw, verify, verify_greedy
@@ -125,7 +125,7 @@ class Engine:
         k = self.graph.k
         starts = [s.cached for s in seqs]
         batch = AttnBatch.build([s.slot for s in seqs], starts, [len(c) for c in chunks], k.device)
-        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=k.device)
+        ids = int64_tensor([t for c in chunks for t in c], k.device)
         hidden = self.graph.forward(ids, batch, self.cache)
         offsets = [end - len(c) + 1 for end, c in zip(batch.last_token_rows, chunks)]
         # sequences whose every known token is now cached get new tokens: one row each, k + 1 with drafts
@@ -195,7 +195,7 @@ class Engine:
             lengths.append(s.cached - s.mtp_cached)
         batch = AttnBatch.build([seqs[i].slot for i in live], [seqs[i].mtp_cached for i in live], lengths, dev)
         h, normed = self.graph.mtp(0, take_rows(hidden, rows),
-                                   torch.tensor(next_ids, dtype=torch.int64, device=dev), batch, self.cache)
+                                   int64_tensor(next_ids, dev), batch, self.cache)
         for i in live:
             seqs[i].mtp_cached = seqs[i].cached
         drafting = [(j, seqs[i]) for j, i in enumerate(live) if seqs[i].cached == seqs[i].length - 1 and self._draft_len(seqs[i]) > 0]
@@ -219,9 +219,9 @@ class Engine:
             if not keep:
                 break
             group = [group[j] for j in keep]
-            sel = torch.tensor(keep, dtype=torch.int64, device=dev)
+            sel = int64_tensor(keep, dev)
             chain = AttnBatch.build([s.slot for s in group], [s.cached + depth - 1 for s in group], [1] * len(group), dev)
-            ids = torch.tensor([s.drafts[-1] for s in group], dtype=torch.int64, device=dev)
+            ids = int64_tensor([s.drafts[-1] for s in group], dev)
             h, normed = self.graph.mtp(0, h[sel], ids, chain, self.cache)  # chained on its own output
 
     def _draft_len(self, s: Sequence) -> int:

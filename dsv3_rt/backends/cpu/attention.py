@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -223,8 +224,8 @@ def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor
     fresh prompt takes the naive form, BLOCK_ROWS or more rows the op-by-op path)."""
     if not small_ops.all_fp32(h, residual, norm) or h.shape[0] >= BLOCK_ROWS:
         return None
-    table, fresh = step_spans(batch)
-    if fresh and not last_only:
+    step = step_spans(batch)
+    if step.fresh and not last_only:
         return None
     args = layer_args(aw, spec, cache, layer)
     if args is None:
@@ -232,30 +233,50 @@ def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor
     hc, w = h.contiguous(), norm.contiguous()
     rc = None if residual is None else residual.contiguous()
     stream = hc if rc is None else torch.empty_like(hc)  # h + residual, written by the call
-    out = torch.empty(table.shape[0] if last_only else h.shape[0], aw.o.shape[0], dtype=torch.float32)
+    out = torch.empty(step.count if last_only else h.shape[0], aw.o.shape[0], dtype=torch.float32)
     native.library().dsv3_mla_block(args, hc.data_ptr(), None if rc is None else rc.data_ptr(), w.data_ptr(),
-                                    stream.data_ptr(), batch.positions.data_ptr(), h.shape[0], table.data_ptr(),
-                                    table.shape[0], int(last_only), out.data_ptr())
+                                    stream.data_ptr(), step.positions, h.shape[0], step.spans, step.count,
+                                    int(last_only), out.data_ptr())
     return out, (take_rows(stream, batch.last_token_rows) if last_only else stream)
 
 
 # What a decode step repeats in every layer costs it most: in a real decode of the default model (a 22M-parameter
 # model, 8 layers) the interpreter's work around each layer's C call took 26 us, twice its time in a hot loop, as
-# the weight streams in between evict its code and data. So the step's span table is built once for all layers,
-# and a layer's C arguments, cache pointer included, once per cache.
-_last_step: tuple = (None, None, False)  # (batch, its spans as the C call's [count, 4] table, a fresh prompt in it)
+# the weight streams in between evict its code and data. So the step's spans and positions are built once for all
+# layers, as one array rather than tensors (torch.tensor(list) cost ~50 us of a bench-preset step, cold, twice), and
+# a layer's C arguments, cache pointer included, once per cache.
+@dataclass(frozen=True)
+class StepSpans:
+    """A step's batch as the C calls read it: `count` rows (slot, start, row offset, length), one per sequence, then
+    each token's position, in one int64 array; `fresh`: a sequence in it is a prompt of 2+ tokens with no prefix."""
+    values: array
+    count: int
+    fresh: bool
+
+    @property
+    def spans(self) -> int:
+        """Address of the [count, 4] table."""
+        return self.values.buffer_info()[0]
+
+    @property
+    def positions(self) -> int:
+        """Address of the positions [T]."""
+        return self.spans + 4 * self.count * self.values.itemsize
 
 
-def step_spans(batch: AttnBatch) -> tuple[torch.Tensor, bool]:
-    """(slot, start, row offset, length) per sequence as an int64 table, and whether a sequence in the batch is a
-    fresh multi-token prompt; built once per batch."""
+_last_step: tuple[AttnBatch | None, StepSpans | None] = (None, None)
+
+
+def step_spans(batch: AttnBatch) -> StepSpans:
+    """The batch's StepSpans, built once per batch."""
     global _last_step
-    seen, table, fresh = _last_step  # (one read of the tuple: safe from another thread's step)
-    if seen is not batch:
+    seen, got = _last_step  # (one read of the tuple: safe from another thread's step)
+    if seen is not batch or got is None:
         spans = batch.spans()
-        table, fresh = torch.tensor(spans, dtype=torch.long), any(start == 0 and n > 1 for _, start, _, n in spans)
-        _last_step = (batch, table, fresh)
-    return table, fresh
+        got = StepSpans(array("q", [v for span in spans for v in span] + batch.position_list), len(spans),
+                        any(start == 0 and n > 1 for _, start, _, n in spans))
+        _last_step = (batch, got)
+    return got
 
 
 def layer_args(aw: AttentionWeights, spec: MLASpec, cache: LatentCache, layer: int) -> ctypes._Pointer | None:

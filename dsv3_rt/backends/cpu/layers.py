@@ -82,8 +82,8 @@ def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, 
     base = attention.fused_base(cache, first)
     if base is None:
         return None
-    table, fresh = attention.step_spans(batch)
-    if fresh and not last_only:
+    step = attention.step_spans(batch)
+    if step.fresh and not last_only:
         return None
     stack = _stack_args(layers, first, spec, router, cache, base)
     if stack is None:
@@ -94,7 +94,7 @@ def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, 
     hc = h.contiguous()
     normed = torch.empty(m, hc.shape[1], dtype=torch.float32)
     stream = torch.empty_like(normed)
-    native.library().dsv3_decoder_layers(args, len(layers), hc.data_ptr(), norm.data_ptr(), eps, batch.positions.data_ptr(),
-                                         t, table.data_ptr(), table.shape[0], int(last_only), hc.shape[1],
-                                         normed.data_ptr(), stream.data_ptr())
+    native.library().dsv3_decoder_layers(args, len(layers), hc.data_ptr(), norm.data_ptr(), eps, step.positions, t,
+                                         step.spans, step.count, int(last_only), hc.shape[1], normed.data_ptr(),
+                                         stream.data_ptr())
     return normed, stream
