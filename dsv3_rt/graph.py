@@ -93,9 +93,7 @@ class DeepseekV3:
         """
         m = self.w.mtp[depth]
         e = self.embed(next_ids, m.embed or self.w.embed)
-        x = torch.cat([self.k.rms_norm(e, m.enorm, self.cfg.rms_norm_eps),
-                       self.k.rms_norm(hidden, m.hnorm, self.cfg.rms_norm_eps)], dim=-1)  # [T, 2D]
-        x = self.k.linear(x, m.eh_proj)  # [T, D]
+        x = self.k.mtp_project(e, hidden, m.enorm, m.hnorm, m.eh_proj, self.cfg.rms_norm_eps)  # [T, D]
         normed, out = self.layers([m.layer], len(self.w.layers) + depth, m.norm, x, batch, cache, last_only=not every_position)
         return out, normed
 

@@ -102,6 +102,31 @@ def test_greedy_tokens_is_the_first_argmax_of_the_c_logits(vocab):
     assert int8_tiles_argmax(x, quantize_int8(w)) is None
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_mtp_project_in_one_call_is_the_composed_ops(dtype):
+    """Kernels.mtp_project's C call gives bit for bit what this backend's rms_norm, cat and linear give (1, 2 and 5
+    rows, the int8 kernel's rows beyond which it composes), and it did run: the composition is not what was compared."""
+    if dtype == "int4" and not native.has_int4():
+        pytest.skip("the 4-bit kernel needs AVX-512 VNNI")
+    k = CpuBackend(dtype=dtype)
+    eh_proj = k.prepare_weight(dense(torch.randn(192, 384) * 0.05), "linear")
+    enorm, hnorm = 1 + 0.1 * torch.randn(192), 1 + 0.1 * torch.randn(192)
+    calls = []
+    lib = native.library()
+    real = lib.dsv3_mtp_project
+    for t in (1, 2, 5, INT8_C_ROWS + 3):
+        e, h = torch.randn(t, 192), torch.randn(t, 192) * 3
+        lib.dsv3_mtp_project = lambda *a: (calls.append(a[-2]), real(*a))[1]
+        try:
+            got = k.mtp_project(e, h, enorm, hnorm, eh_proj, 1e-6)
+        finally:
+            lib.dsv3_mtp_project = real
+        want = Kernels.mtp_project(k, e, h, enorm, hnorm, eh_proj, 1e-6)
+        assert torch.equal(got, want), t
+    assert calls == ([1, 2, 5] if dtype == "int8" else [1, 2, 5, INT8_C_ROWS + 3])
+
+
 def test_int4_tiles_round_trip():
     w = torch.randn(2, 48, 192) * 0.02
     q = quantize_int4_tiles(w)

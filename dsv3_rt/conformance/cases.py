@@ -538,6 +538,21 @@ CALLS["greedy_tokens"] = lambda k, a: [k.greedy_tokens(a["hidden"], a["head"])]
 for _v, _args in (("one_row", (1, 1000)), ("verify_4", (4, 4096)), ("vocab_not_16x", (3, 1001))):
     case("greedy_tokens", _v, f"T={_args[0]},V={_args[1]},D=128", DTYPES, check="argmax")(_greedy(*_args))
 
+# --- an MTP module's input ---------------------------------------------------------------------------------------
+def _mtp_project(t: int, d: int = 128, strided: bool = False):
+    def make(g, dtype):
+        return {"embedded": Act(randn(g, t, d), strided), "hidden": Act(randn(g, t, d, scale=3.0)),
+                "enorm": Vec(1 + 0.1 * randn(g, d)), "hnorm": Vec(1 + 0.1 * randn(g, d)),
+                "eh_proj": W(checkpoint_weight(g, dtype, d, 2 * d), "linear"), "eps": 1e-6}
+
+    return make
+
+
+CALLS["mtp_project"] = lambda k, a: [k.mtp_project(a["embedded"], a["hidden"], a["enorm"], a["hnorm"], a["eh_proj"], a["eps"])]
+for _v, _args in (("one_row", (1,)), ("verify_2", (2,)), ("prompt_200", (200, 128, True))):
+    case("mtp_project", _v, f"T={_args[0]},D=128", DTYPES)(_mtp_project(*_args))
+
+
 # --- sampling ----------------------------------------------------------------------------------------------
 def _sampling(with_uniform: bool):
     def make(g, dtype):

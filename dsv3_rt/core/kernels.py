@@ -29,12 +29,12 @@ API_VERSION = 1
 
 #: Every op of the interface, in the order a token meets them. `Capabilities.ops` names a subset of these.
 OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "decoder_layers", "mla_block", "linear", "rope", "store_latent",
-       "mla_attention", "moe_block", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "sampling_probs", "sample",
-       "all_reduce", "all_gather")
+       "mla_attention", "moe_block", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "mtp_project", "sampling_probs",
+       "sample", "all_reduce", "all_gather")
 
 #: Ops whose reference is written in the other ops: a backend that keeps it runs its own kernels through it, which
 #: is no fallback. A backend overrides one to fuse what it composes.
-COMPOSITE_OPS = ("decoder_layers", "mla_block", "moe_block", "greedy_tokens")
+COMPOSITE_OPS = ("decoder_layers", "mla_block", "moe_block", "greedy_tokens", "mtp_project")
 
 #: Runtime weight formats selectable with `dtype=` at load.
 DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
@@ -483,6 +483,14 @@ class Kernels:
         """hidden [N, D] -> [N] int64: each row's first argmax of linear(hidden, head) in fp32, the head and a greedy
         pick (`sample` at temperature 0) in one op, without handing the [N, V] logits back. A composite of linear."""
         return self.linear(hidden, head).float().argmax(dim=-1)
+
+    def mtp_project(self, embedded: torch.Tensor, hidden: torch.Tensor, enorm: torch.Tensor, hnorm: torch.Tensor,
+                    eh_proj: Weight, eps: float) -> torch.Tensor:
+        """An MTP module's input, DeepSeek-V3's M [RMSNorm(h_i); RMSNorm(Emb(t_i+1))] in the checkpoint's order:
+        linear(cat(rms_norm(embedded, enorm), rms_norm(hidden, hnorm)), eh_proj), embedded and hidden [T, D] ->
+        [T, D], eh_proj [D, 2D]. A composite of rms_norm and linear."""
+        x = torch.cat([self.rms_norm(embedded, enorm, eps), self.rms_norm(hidden, hnorm, eps)], dim=-1)
+        return self.linear(x, eh_proj)
 
     def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """The distribution a token is drawn from, per row. logits [B, V] fp32 -> probs [B, V] fp32.

@@ -56,7 +56,7 @@ class CpuBackend(Kernels):
         weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
         ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "decoder_layers", "mla_block", "moe_block", "linear", "rope", "store_latent",
-             "mla_attention", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "sample"),
+             "mla_attention", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "mtp_project", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
         features=("mla.absorb", "mla.fused_latent_cache", "moe.grouped_by_expert", ggml_act.FEATURE),
@@ -68,7 +68,7 @@ class CpuBackend(Kernels):
     #: further from fp32 than the reference's own int4, and matches the reference on *its* weights in the op cases)
     conformance_tolerances = {
         "model.*:int4": Tolerance(0.25, 0.1, "different 4-bit quantiser than the reference's (asymmetric 64-groups vs symmetric 32-groups)"),
-        **{f"{op}*:{dtype}": Tolerance(4e-2, 4e-2, reason) for op in ("linear", "dense_mlp", "moe_experts", "mla_block")
+        **{f"{op}*:{dtype}": Tolerance(4e-2, 4e-2, reason) for op in ("linear", "dense_mlp", "moe_experts", "mla_block", "mtp_project")
            for dtype, reason in (("int4", "the int4_tiles kernel rounds activations to int8 per 64-column group (as "
                                           "llama.cpp's 4-bit dot products do), on top of bf16-level rounding"),
                                  ("int8", "prefill (128+ rows) rounds activations to int8 per row for an int8 GEMM "
@@ -235,6 +235,12 @@ class CpuBackend(Kernels):
         """An int8-tiled head (int8 and int4) with few rows: the product and the argmax in one C call."""
         ids = int8_tiles_argmax(hidden, head)
         return super().greedy_tokens(hidden, head) if ids is None else ids
+
+    def mtp_project(self, embedded: torch.Tensor, hidden: torch.Tensor, enorm: torch.Tensor, hnorm: torch.Tensor,
+                    eh_proj: Weight, eps: float) -> torch.Tensor:
+        """A tiled eh_proj (int8, int4): both norms and the product in one C call."""
+        fused = None if self.activations == "ggml-cpu" else small_ops.mtp_project(embedded, hidden, enorm, hnorm, eh_proj, eps)
+        return super().mtp_project(embedded, hidden, enorm, hnorm, eh_proj, eps) if fused is None else fused
 
     def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                uniform: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from dsv3_rt.backends.cpu import native
+from dsv3_rt.backends.cpu.formats import TILED_BITS
+from dsv3_rt.backends.cpu.matmul import INT8_C_ROWS
 from dsv3_rt.core.kernels import RouterSpec
 from dsv3_rt.core.weights import Weight
 
@@ -87,6 +89,21 @@ def embedding_int8(ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -
     i = ids.contiguous()
     out = torch.empty(i.shape[0], data.shape[1], dtype=torch.float32)
     native.library().dsv3_embedding_int8(data.data_ptr(), scale.data_ptr(), i.data_ptr(), out.data_ptr(), i.shape[0], data.shape[1])
+    return out
+
+
+def mtp_project(embedded: torch.Tensor, hidden: torch.Tensor, enorm: torch.Tensor, hnorm: torch.Tensor, eh_proj: Weight,
+                eps: float) -> torch.Tensor | None:
+    """Kernels.mtp_project over a tiled eh_proj, in fp32, as one C call: the same `dsv3_rms_norm` rows and tile
+    product (within `matmul`'s row range for the C kernel) that rms_norm, cat and linear make. None otherwise."""
+    bits = TILED_BITS.get(eh_proj.format)
+    if bits is None or (bits == 8 and embedded.shape[0] >= INT8_C_ROWS) or not all_fp32(embedded, hidden, enorm, hnorm):
+        return None
+    e, h, we, wh = (t.contiguous() for t in (embedded, hidden, enorm, hnorm))
+    out = torch.empty(e.shape[0], eh_proj.shape[0], dtype=torch.float32)
+    native.library().dsv3_mtp_project(bits, e.data_ptr(), h.data_ptr(), we.data_ptr(), wh.data_ptr(), eps,
+                                      eh_proj.data.data_ptr(), None if eh_proj.scale is None else eh_proj.scale.data_ptr(),
+                                      out.data_ptr(), e.shape[0], e.shape[1])
     return out
 
 

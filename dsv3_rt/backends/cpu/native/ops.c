@@ -28,6 +28,22 @@ void dsv3_rms_norm(const float *x, const float *w, float *y, long m, long d, flo
     }
 }
 
+void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k);
+
+/* out [t, d] = eh_proj @ [rms_norm(e, enorm) ; rms_norm(h, hnorm)] per row, eh_proj [d, 2d] a tiled weight (bits 8:
+ * int8_tiles with bf16 row scales, 4: int4_tiles): Kernels.mtp_project, the norms and the product this backend's
+ * rms_norm and linear compute, in one call (an MTP draft made five torch ops and three C calls of it). */
+void dsv3_mtp_project(int bits, const float *e, const float *h, const float *enorm, const float *hnorm, float eps,
+                      const void *data, const void *scale, float *out, long t, long d) {
+    float *x = malloc(t * 2 * d * sizeof(float));
+    for (long i = 0; i < t; i++) {
+        dsv3_rms_norm(e + i * d, enorm, x + i * 2 * d, 1, d, eps);
+        dsv3_rms_norm(h + i * d, hnorm, x + i * 2 * d + d, 1, d, eps);
+    }
+    dsv3_tiles_matmul(bits, x, data, scale, out, t, d, 2 * d);
+    free(x);
+}
+
 /* sum = x + residual; y = rms_norm(sum). */
 void dsv3_add_rms_norm(const float *x, const float *residual, const float *w, float *y, float *sum, long m, long d,
                        float eps) {
