@@ -486,9 +486,9 @@ class Kernels:
 
     def mtp_project(self, embedded: torch.Tensor, hidden: torch.Tensor, enorm: torch.Tensor, hnorm: torch.Tensor,
                     eh_proj: Weight, eps: float) -> torch.Tensor:
-        """An MTP module's input, DeepSeek-V3's M [RMSNorm(h_i); RMSNorm(Emb(t_i+1))] in the checkpoint's order:
-        linear(cat(rms_norm(embedded, enorm), rms_norm(hidden, hnorm)), eh_proj), embedded and hidden [T, D] ->
-        [T, D], eh_proj [D, 2D]. A composite of rms_norm and linear."""
+        """An MTP module's input, the paper's M [RMSNorm(h_i); RMSNorm(Emb(t_i+1))] with its halves in the checkpoint's
+        order (the embedding's first): linear(cat(rms_norm(embedded, enorm), rms_norm(hidden, hnorm)), eh_proj),
+        embedded and hidden [T, D] -> [T, D], eh_proj [D, 2D]. A composite of rms_norm and linear."""
         x = torch.cat([self.rms_norm(embedded, enorm, eps), self.rms_norm(hidden, hnorm, eps)], dim=-1)
         return self.linear(x, eh_proj)
 
