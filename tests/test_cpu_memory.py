@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv3_rt.backends.cpu import CpuBackend, attention, formats, matmul
+from dsv3_rt.backends.cpu import CpuBackend, attention, formats, matmul, native
 from dsv3_rt.core.checkpoint import RandomSource
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.errors import CheckpointError
@@ -33,15 +33,44 @@ def tiny_steps(monkeypatch):
     monkeypatch.setattr(matmul, "WIDEN_BYTES", 4096)
 
 
-def test_load_conversion_by_rows_is_exact(tiny_steps):
-    for w in _sources():
+def _ties() -> Weight:
+    """Rows whose values sit exactly halfway between two int8 steps (round half to even), a zero row, and a row of
+    one value: the rounding cases random weights miss."""
+    step = 2.0 ** -7  # a bf16 value: amax = 127 steps makes it the row's scale exactly
+    t = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    t[0] = 0.0
+    t[0, 0], t[0, 1:8] = 127 * step, torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -126.5, 126.5]) * step
+    t[1] = 0.0
+    t[2] = 3.0
+    return dense(t)
+
+
+@pytest.mark.parametrize("path", ["C", "torch by rows"])
+def test_load_conversion_is_exact(tiny_steps, monkeypatch, path):
+    """quantize_int8_weight equals quantize_int8 of the dequantised source, bit for bit: in one C call per matrix
+    (fp32, bf16 and FP8 sources), and in torch a few rows at a time (every source, f16 always)."""
+    calls = []
+    if path == "C":
+        if native.library() is None:
+            pytest.skip(f"no C kernels here: {native.unavailable_reason()}")
+        real = native.library().dsv3_quantize_int8
+        monkeypatch.setattr(native.library(), "dsv3_quantize_int8", lambda *a: (calls.append(a[0]), real(*a))[1])
+    else:
+        monkeypatch.setattr(formats, "_quantize_int8_native", lambda *a: False)
+    for w in _sources() + [_ties()]:
         whole = formats.quantize_int8(w.dequantize(torch.float32))
-        assert len(list(formats.row_blocks(w))) > 1  # really in pieces
+        assert len(list(formats.row_blocks(w))) > 1  # really in pieces for the torch path
         for tiled in (False, True) if formats.can_tile(w) else (False,):
             want = formats.tile_int8(whole) if tiled else whole
+            calls.clear()
             got = formats.quantize_int8_weight(w, tiled)
             assert (got.format, got.shape) == (want.format, want.shape)
             assert torch.equal(got.data, want.data) and torch.equal(got.scale, want.scale)
+            assert bool(calls) == (path == "C" and w.format != "f16"), (w.format, calls)
+
+
+def test_convert_rows_is_exact(tiny_steps):
+    for w in _sources():
         for dtype in (torch.float32, torch.bfloat16):
             if w.format.startswith("fp8"):
                 want, got = formats.fp8_to_dense(w, dtype), formats.convert_rows(w, dtype, lambda p: formats.fp8_to_dense(p, dtype))

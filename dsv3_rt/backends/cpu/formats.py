@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import math
 import sys
 from typing import Callable, Iterator
@@ -24,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from dsv3_rt.backends.cpu import native
 from dsv3_rt.core.weights import FP8_BLOCK, Weight, _expand_block_scale, register_format
 
 INT4_GROUP = 64  # 4.5 bits per weight with bf16 scale + zero (llama.cpp Q4_K_M averages ~4.8)
@@ -153,6 +155,8 @@ def quantize_int8_weight(w: Weight, tiled: bool) -> Weight:
     *lead, n, k = w.shape
     data = weight_buffer((*lead, n, k), torch.int8)
     scale = torch.empty(*lead, n, dtype=torch.bfloat16)
+    if _quantize_int8_native(w, tiled, data, scale):
+        return Weight("int8_tiles" if tiled else "int8_rowwise", data, tuple(w.shape), scale)
     for idx, r0, r1, part in row_blocks(w, TILE_ROWS if tiled else 1):
         q = quantize_int8(part.dequantize(torch.float32))
         scale[idx][r0:r1] = q.scale
@@ -162,6 +166,32 @@ def quantize_int8_weight(w: Weight, tiled: bool) -> Weight:
         else:
             data[idx][r0:r1] = q.data
     return Weight("int8_tiles" if tiled else "int8_rowwise", data, tuple(w.shape), scale)
+
+
+_NATIVE_SOURCES = {"f32": 0, "bf16": 1, "fp8_e4m3fn": 2, "fp8_e4m3fnuz": 2}  # native/convert.c's source kinds
+
+
+def _quantize_int8_native(w: Weight, tiled: bool, data: torch.Tensor, scale: torch.Tensor) -> bool:
+    """`quantize_int8_weight`'s conversion in one C call per matrix (`dsv3_quantize_int8`, the same roundings), where
+    the source is fp32, bf16 or block-scaled FP8 in its plain layout; False (nothing written) otherwise."""
+    kind = _NATIVE_SOURCES.get(w.format)
+    lib = native.library()
+    if lib is None or kind is None or tuple(w.data.shape) != tuple(w.shape) or not w.data.is_contiguous():
+        return False
+    *lead, n, k = w.shape
+    table = block_scale = None
+    bn = bk = 1
+    if kind == 2:
+        bn, bk = tuple(w.meta.get("block", FP8_BLOCK))
+        if w.scale is None or tuple(w.scale.shape) != (*lead, -(-n // bn), -(-k // bk)):
+            return False
+        table = _fp8_table(w.data.dtype, torch.float32, nan=True)
+        block_scale = w.scale.float().contiguous()
+    for idx in itertools.product(*map(range, lead)):  # each expert of a stack (one () for a matrix)
+        lib.dsv3_quantize_int8(kind, w.data[idx].data_ptr(), None if table is None else table.data_ptr(),
+                               None if block_scale is None else block_scale[idx].data_ptr(), bn, bk, n, k, int(tiled),
+                               data[idx].data_ptr(), scale[idx].data_ptr())
+    return True
 
 
 def quantize_int4_tiles_weight(w: Weight) -> Weight:
@@ -271,14 +301,15 @@ def _int4_cpu_dequant(w: Weight) -> torch.Tensor:
 
 
 # --- fp8 ----------------------------------------------------------------------------------------------------
-_FP8_TABLES: dict[tuple[torch.dtype, torch.dtype], torch.Tensor] = {}
+_FP8_TABLES: dict[tuple[torch.dtype, torch.dtype, bool], torch.Tensor] = {}
 
 
-def _fp8_table(fp8: torch.dtype, out: torch.dtype) -> torch.Tensor:
-    """Value of each of the 256 codes of `fp8` in `out` (exact: e4m3 values fit bf16)."""
-    key = (fp8, out)
+def _fp8_table(fp8: torch.dtype, out: torch.dtype, nan: bool = False) -> torch.Tensor:
+    """Value of each of the 256 codes of `fp8` in `out` (exact: e4m3 values fit bf16); the NaN codes 0 unless `nan`."""
+    key = (fp8, out, nan)
     if key not in _FP8_TABLES:
-        _FP8_TABLES[key] = torch.arange(256, dtype=torch.uint8).view(fp8).float().nan_to_num(0.0).to(out)
+        values = torch.arange(256, dtype=torch.uint8).view(fp8).float()
+        _FP8_TABLES[key] = (values if nan else values.nan_to_num(0.0)).to(out)
     return _FP8_TABLES[key]
 
 

@@ -1,0 +1,84 @@
+/* Load-time conversion of a checkpoint matrix into the int8 formats, with the rounding of formats.quantize_int8:
+ * per row, scale = amax / 127 rounded up to bf16 (so the bf16 scale the kernels read is the one the values were
+ * rounded for), q = round-half-even(w / scale) clamped to +-127; the values row-major ("int8_rowwise") or in tiles of
+ * 4 rows x 16 columns ("int8_tiles", see int8_tiles.c). The same steps in torch, a few rows at a time, made ~60 % of
+ * the bench preset's 8.7 s int8 load: a dozen passes over each chunk and a strided copy into the tiles.
+ * Sources: fp32, bf16, or FP8 (e4m3fn / e4m3fnuz: the 256 code values in `table`, each times its block's scale, as
+ * the reference dequantises). Weights are finite (a NaN would not propagate into the scale as it does in torch). */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vmath.h"
+
+enum { SRC_F32 = 0, SRC_BF16 = 1, SRC_FP8 = 2 };
+
+static inline float bf16_value(uint32_t b) {
+    const uint32_t u = b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* The smallest bf16 >= t, for t > 0 (formats.bf16_round_up): round to nearest even, one step up if below. */
+static inline uint16_t bf16_round_up(float t) {
+    uint32_t u;
+    memcpy(&u, &t, sizeof u);
+    uint32_t b = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
+    if (bf16_value(b) < t) b += 1;
+    return (uint16_t)b;
+}
+
+/* Row r of the source as fp32 into x [k]; returns the row's largest |value|. */
+static float source_row(int kind, const void *src, const float *table, const float *block_scale, long bn, long bk,
+                        long r, long k, float *x) {
+    if (kind == SRC_F32) {
+        memcpy(x, (const float *)src + r * k, k * sizeof(float));
+    } else if (kind == SRC_BF16) {
+        const uint16_t *s = (const uint16_t *)src + r * k;
+        for (long c = 0; c < k; c += 16) {
+            const __mmask16 lanes = dsv3_lanes(k - c);
+            const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, s + c));
+            _mm512_mask_storeu_ps(x + c, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+        }
+    } else {  /* one block of bk columns at a time: its scale once */
+        const uint8_t *s = (const uint8_t *)src + r * k;
+        const float *bs = block_scale + (r / bn) * ((k + bk - 1) / bk);
+        for (long c0 = 0; c0 < k; c0 += bk) {
+            const float scale = bs[c0 / bk];
+            for (long c = c0; c < c0 + bk && c < k; c++) x[c] = table[s[c]] * scale;
+        }
+    }
+    __m512 top = _mm512_setzero_ps();
+    for (long c = 0; c < k; c += 16)
+        top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(dsv3_lanes(k - c), x + c)));
+    return _mm512_reduce_max_ps(top);
+}
+
+/* out: n x k int8 (tiled: k % 16 == 0 and n % 4 == 0), scale_out: n bf16. */
+void dsv3_quantize_int8(int kind, const void *src, const float *table, const float *block_scale, long bn, long bk,
+                        long n, long k, int tiled, int8_t *out, uint16_t *scale_out) {
+    #pragma omp parallel
+    {
+        float *x = malloc(k * sizeof(float));
+        #pragma omp for schedule(static)
+        for (long r = 0; r < n; r++) {
+            const float amax = source_row(kind, src, table, block_scale, bn, bk, r, k, x);
+            const uint16_t b = bf16_round_up(fmaxf(amax, 1e-30f) / 127.0f);
+            scale_out[r] = b;
+            const __m512 s = _mm512_set1_ps(bf16_value(b)), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+            for (long c = 0; c < k; c += 16) {
+                const __mmask16 lanes = dsv3_lanes(k - c);
+                __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + c), s),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+                int8_t *dst = tiled ? out + ((r / 4) * (k / 16) + c / 16) * 64 + (r % 4) * 16 : out + r * k + c;
+                /* the register form and a byte store: vpmovsdb to memory is microcoded on AMD's Zen 4 */
+                _mm_mask_storeu_epi8(dst, lanes, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+            }
+        }
+        free(x);
+    }
+}
