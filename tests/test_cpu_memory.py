@@ -45,18 +45,24 @@ def _ties() -> Weight:
     return dense(t)
 
 
+def _conversion_path(monkeypatch, path: str, c_function: str) -> list:
+    """Route load-time conversion through the C call (recording its calls in the list returned) or torch's rows."""
+    calls: list = []
+    if path == "C":
+        if native.library() is None:
+            pytest.skip(f"no C kernels here: {native.unavailable_reason()}")
+        real = getattr(native.library(), c_function)
+        monkeypatch.setattr(native.library(), c_function, lambda *a: (calls.append(a[0]), real(*a))[1])
+    else:
+        monkeypatch.setattr(formats, "_convert_native", lambda *a: False)
+    return calls
+
+
 @pytest.mark.parametrize("path", ["C", "torch by rows"])
 def test_load_conversion_is_exact(tiny_steps, monkeypatch, path):
     """quantize_int8_weight equals quantize_int8 of the dequantised source, bit for bit: in one C call per matrix
     (fp32, bf16 and FP8 sources), and in torch a few rows at a time (every source, f16 always)."""
-    calls = []
-    if path == "C":
-        if native.library() is None:
-            pytest.skip(f"no C kernels here: {native.unavailable_reason()}")
-        real = native.library().dsv3_quantize_int8
-        monkeypatch.setattr(native.library(), "dsv3_quantize_int8", lambda *a: (calls.append(a[0]), real(*a))[1])
-    else:
-        monkeypatch.setattr(formats, "_quantize_int8_native", lambda *a: False)
+    calls = _conversion_path(monkeypatch, path, "dsv3_quantize_int8")
     for w in _sources() + [_ties()]:
         whole = formats.quantize_int8(w.dequantize(torch.float32))
         assert len(list(formats.row_blocks(w))) > 1  # really in pieces for the torch path
@@ -79,12 +85,16 @@ def test_convert_rows_is_exact(tiny_steps):
             assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-def test_int4_tiles_by_rows_is_exact(tiny_steps):
-    for w in _sources():
+@pytest.mark.parametrize("path", ["C", "torch by rows"])
+def test_int4_tiles_conversion_is_exact(tiny_steps, monkeypatch, path):
+    calls = _conversion_path(monkeypatch, path, "dsv3_quantize_int4_tiles")
+    for w in _sources() + [_ties()]:
         if formats.can_tile_int4(w):
             want = formats.quantize_int4_tiles(w.dequantize(torch.float32))
+            calls.clear()
             got = formats.quantize_int4_tiles_weight(w)
             assert (got.format, got.shape) == (want.format, want.shape) and torch.equal(got.data, want.data)
+            assert bool(calls) == (path == "C" and w.format != "f16"), (w.format, calls)
 
 
 @pytest.mark.parametrize("rows", [32, 200])

@@ -171,12 +171,12 @@ def quantize_int8_weight(w: Weight, tiled: bool) -> Weight:
 _NATIVE_SOURCES = {"f32": 0, "bf16": 1, "fp8_e4m3fn": 2, "fp8_e4m3fnuz": 2}  # native/convert.c's source kinds
 
 
-def _quantize_int8_native(w: Weight, tiled: bool, data: torch.Tensor, scale: torch.Tensor) -> bool:
-    """`quantize_int8_weight`'s conversion in one C call per matrix (`dsv3_quantize_int8`, the same roundings), where
-    the source is fp32, bf16 or block-scaled FP8 in its plain layout; False (nothing written) otherwise."""
+def _convert_native(w: Weight, convert: Callable[..., None]) -> bool:
+    """Run a `native/convert.c` conversion on each matrix of w (each expert of a stack): convert(index, kind, data,
+    fp8 table, block scale, bn, bk), pointers as ints, where w is fp32, bf16 or block-scaled FP8 in its plain layout
+    and the C kernels are there; False (nothing converted) otherwise."""
     kind = _NATIVE_SOURCES.get(w.format)
-    lib = native.library()
-    if lib is None or kind is None or tuple(w.data.shape) != tuple(w.shape) or not w.data.is_contiguous():
+    if native.library() is None or kind is None or tuple(w.data.shape) != tuple(w.shape) or not w.data.is_contiguous():
         return False
     *lead, n, k = w.shape
     table = block_scale = None
@@ -188,17 +188,26 @@ def _quantize_int8_native(w: Weight, tiled: bool, data: torch.Tensor, scale: tor
         table = _fp8_table(w.data.dtype, torch.float32, nan=True)
         block_scale = w.scale.float().contiguous()
     for idx in itertools.product(*map(range, lead)):  # each expert of a stack (one () for a matrix)
-        lib.dsv3_quantize_int8(kind, w.data[idx].data_ptr(), None if table is None else table.data_ptr(),
-                               None if block_scale is None else block_scale[idx].data_ptr(), bn, bk, n, k, int(tiled),
-                               data[idx].data_ptr(), scale[idx].data_ptr())
+        convert(idx, kind, w.data[idx].data_ptr(), None if table is None else table.data_ptr(),
+                None if block_scale is None else block_scale[idx].data_ptr(), bn, bk)
     return True
 
 
+def _quantize_int8_native(w: Weight, tiled: bool, data: torch.Tensor, scale: torch.Tensor) -> bool:
+    """`quantize_int8_weight`'s conversion in one C call per matrix (`dsv3_quantize_int8`, the same roundings)."""
+    n, k = w.shape[-2:]
+    return _convert_native(w, lambda idx, *src: native.library().dsv3_quantize_int8(
+        *src, n, k, int(tiled), data[idx].data_ptr(), scale[idx].data_ptr()))
+
+
 def quantize_int4_tiles_weight(w: Weight) -> Weight:
-    """`quantize_int4_tiles(w.dequantize(float32))`, bit for bit (every 16-row block is quantised on its own),
-    a few rows at a time into the final buffer (`can_tile_int4(w)` must hold)."""
+    """`quantize_int4_tiles(w.dequantize(float32))`, bit for bit (every 16-row block is quantised on its own): one C
+    call per matrix (`dsv3_quantize_int4_tiles`), else a few rows at a time into the final buffer (`can_tile_int4(w)`
+    must hold)."""
     *lead, n, k = w.shape
     data = weight_buffer((*lead, n // INT4_TILE_ROWS, k // INT4_GROUP, INT4_TILE_BYTES), torch.uint8)
+    if _convert_native(w, lambda idx, *src: native.library().dsv3_quantize_int4_tiles(*src, n, k, data[idx].data_ptr())):
+        return Weight("int4_tiles", data, tuple(w.shape))
     for idx, r0, r1, part in row_blocks(w, INT4_TILE_ROWS):
         data[idx][r0 // INT4_TILE_ROWS: r1 // INT4_TILE_ROWS] = quantize_int4_tiles(part.dequantize(torch.float32)).data
     return Weight("int4_tiles", data, tuple(w.shape))

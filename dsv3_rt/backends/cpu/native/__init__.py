@@ -103,12 +103,13 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_embedding_int8.argtypes = [vp, vp, vp, vp, long, long]
     lib.dsv3_mtp_project.argtypes = [ctypes.c_int, vp, vp, vp, vp, f32, vp, vp, vp, long, long]
     lib.dsv3_quantize_int8.argtypes = [ctypes.c_int, vp, vp, vp, long, long, long, long, ctypes.c_int, vp, vp]
+    lib.dsv3_quantize_int4_tiles.argtypes = [ctypes.c_int, vp, vp, vp, long, long, long, long, vp]
     if hasattr(lib, "dsv3_int8_tiles_w8a8"):  # AVX-512 VNNI only
         lib.dsv3_int8_tiles_w8a8.argtypes = [vp, vp, vp, vp, long, long, long]
         lib.dsv3_int8_tiles_w8a8.restype = None
     for fn in (lib.dsv3_rms_norm, lib.dsv3_add_rms_norm, lib.dsv3_moe_route, lib.dsv3_mla_absorbed, lib.dsv3_rope,
                lib.dsv3_embedding_int8, lib.dsv3_mla_block, lib.dsv3_moe_block, lib.dsv3_decoder_layers,
-               lib.dsv3_mtp_project, lib.dsv3_quantize_int8):
+               lib.dsv3_mtp_project, lib.dsv3_quantize_int8, lib.dsv3_quantize_int4_tiles):
         fn.restype = None
     return lib
 

@@ -1,8 +1,12 @@
-/* Load-time conversion of a checkpoint matrix into the int8 formats, with the rounding of formats.quantize_int8:
- * per row, scale = amax / 127 rounded up to bf16 (so the bf16 scale the kernels read is the one the values were
- * rounded for), q = round-half-even(w / scale) clamped to +-127; the values row-major ("int8_rowwise") or in tiles of
- * 4 rows x 16 columns ("int8_tiles", see int8_tiles.c). The same steps in torch, a few rows at a time, made ~60 % of
- * the bench preset's 8.7 s int8 load: a dozen passes over each chunk and a strided copy into the tiles.
+/* Load-time conversion of a checkpoint matrix into the cpu backend's formats, with the roundings of formats.py:
+ * - int8 (formats.quantize_int8): per row, scale = amax / 127 rounded up to bf16 (so the bf16 scale the kernels read
+ *   is the one the values were rounded for), q = round-half-even(w / scale) clamped to +-127; the values row-major
+ *   ("int8_rowwise") or in tiles of 4 rows x 16 columns ("int8_tiles", see int8_tiles.c);
+ * - int4 (formats.quantize_int4_tiles): per row and 64 columns, min rounded down to bf16, scale = (max - min) / 15
+ *   rounded up to bf16, q = round-half-even((w - min) / scale) clamped to 0..15, in tiles of 16 rows x 64 columns
+ *   (see int4_tiles.c).
+ * The same steps in torch, a few rows at a time, made ~60 % of the bench preset's 8.7 s int8 load: a dozen passes
+ * over each chunk and a strided copy into the tiles.
  * Sources: fp32, bf16, or FP8 (e4m3fn / e4m3fnuz: the 256 code values in `table`, each times its block's scale, as
  * the reference dequantises). Weights are finite (a NaN would not propagate into the scale as it does in torch). */
 #include <immintrin.h>
@@ -22,13 +26,24 @@ static inline float bf16_value(uint32_t b) {
     return f;
 }
 
-/* The smallest bf16 >= t, for t > 0 (formats.bf16_round_up): round to nearest even, one step up if below. */
-static inline uint16_t bf16_round_up(float t) {
+static inline uint16_t bf16_nearest(float t) {
     uint32_t u;
     memcpy(&u, &t, sizeof u);
-    uint32_t b = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* The largest bf16 <= t (finite t): round to nearest even, one step down (toward -inf) if above. */
+static inline uint16_t bf16_round_down(float t) {
+    uint16_t b = bf16_nearest(t);
+    if (bf16_value(b) > t) b = (b & 0x7FFF) == 0 ? 0x8001 : (b & 0x8000) ? b + 1 : b - 1;
+    return b;
+}
+
+/* The smallest bf16 >= t, for t > 0 (formats.bf16_round_up): round to nearest even, one step up if below. */
+static inline uint16_t bf16_round_up(float t) {
+    uint16_t b = bf16_nearest(t);
     if (bf16_value(b) < t) b += 1;
-    return (uint16_t)b;
+    return b;
 }
 
 /* Row r of the source as fp32 into x [k]; returns the row's largest |value|. */
@@ -77,6 +92,47 @@ void dsv3_quantize_int8(int kind, const void *src, const float *table, const flo
                 int8_t *dst = tiled ? out + ((r / 4) * (k / 16) + c / 16) * 64 + (r % 4) * 16 : out + r * k + c;
                 /* the register form and a byte store: vpmovsdb to memory is microcoded on AMD's Zen 4 */
                 _mm_mask_storeu_epi8(dst, lanes, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+            }
+        }
+        free(x);
+    }
+}
+
+/* out: n / 16 x k / 64 tiles of 576 bytes (n % 16 == 0, k % 64 == 0): the 16 rows' bf16 scales, their bf16 minimums,
+ * then byte 64 j + 4 r + i holding row r's columns 8 j + i (low nibble) and 8 j + 4 + i (high nibble). */
+void dsv3_quantize_int4_tiles(int kind, const void *src, const float *table, const float *block_scale, long bn,
+                              long bk, long n, long k, uint8_t *out) {
+    #pragma omp parallel
+    {
+        float *x = malloc(k * sizeof(float));
+        #pragma omp for schedule(static)
+        for (long r = 0; r < n; r++) {
+            source_row(kind, src, table, block_scale, bn, bk, r, k, x);
+            for (long g = 0; g < k / 64; g++) {
+                const float *v = x + 64 * g;
+                __m512 lo = _mm512_loadu_ps(v), hi = lo;
+                for (int q = 1; q < 4; q++) {
+                    lo = _mm512_min_ps(lo, _mm512_loadu_ps(v + 16 * q));
+                    hi = _mm512_max_ps(hi, _mm512_loadu_ps(v + 16 * q));
+                }
+                const float group_lo = _mm512_reduce_min_ps(lo), group_hi = _mm512_reduce_max_ps(hi);
+                const uint16_t low = bf16_round_down(group_lo);
+                const float low_f = bf16_value(low);
+                const uint16_t scale = bf16_round_up(fmaxf((group_hi - low_f) / 15.0f, 1e-30f));
+                uint8_t *tile = out + ((r / 16) * (k / 64) + g) * 576;
+                memcpy(tile + 2 * (r % 16), &scale, 2);
+                memcpy(tile + 32 + 2 * (r % 16), &low, 2);
+                int32_t q[64];
+                const __m512 s = _mm512_set1_ps(bf16_value(scale)), m = _mm512_set1_ps(low_f);
+                for (int c = 0; c < 64; c += 16) {
+                    __m512 y = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(v + c), m), s),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), _mm512_set1_ps(15.0f));
+                    _mm512_storeu_si512(q + c, _mm512_cvtps_epi32(y));
+                }
+                uint8_t *nibbles = tile + 64 + 4 * (r % 16);
+                for (int j = 0; j < 8; j++)
+                    for (int i = 0; i < 4; i++) nibbles[64 * j + i] = (uint8_t)(q[8 * j + i] | (q[8 * j + 4 + i] << 4));
             }
         }
         free(x);
