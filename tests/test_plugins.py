@@ -155,6 +155,15 @@ def test_explicit_name_wins_over_auto_and_env(fake_modules, monkeypatch):
     assert reg.select("reference").name == "reference"  # --backend beats $DSV3RT_BACKEND
 
 
+def test_naming_a_backend_probes_no_other(fake_modules):
+    """A named backend is chosen on its own probe: the others' probes import their SDKs (onnx alone took ~0.55 s and
+    the three ~56 MiB of RSS) and run only for `auto` or to list the alternatives in an error."""
+    reg = registry(ep("good", "fake_good"))
+    assert reg.select("reference").name == "reference"
+    probed = [name for name, b in reg.backends.items() if "availability" in vars(b)]
+    assert probed == ["reference"]
+
+
 def test_auto_skips_unavailable_backends_even_with_higher_priority(fake_modules):
     reg = registry(ep("good", "fake_good"))
     assert reg.backends["fake-absent"].cls.priority > reg.backends["fake-fast"].cls.priority
