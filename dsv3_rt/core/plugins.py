@@ -5,7 +5,7 @@ Every backend, built-in or third-party, reaches the runtime the same way: a plug
 are the modules in DEFAULT_PLUGINS; third-party ones are entry points in the group `dsv3_rt.backends`.
 
 Selection rules (each one tested in tests/test_plugins.py):
-- an explicit name (`--backend NAME`, `load(backend=...)`, else $DSV3RT_BACKEND) wins;
+- an explicit name (`--backend NAME`, `load(backend=...)`, else $DSV3RT_BACKEND) wins, and only its probe runs;
 - naming an installed backend that is not available here fails with its probe reason and lists the ones that are;
 - `auto` picks the available backend with the highest `priority` (ties: name order);
 - two plugins registering one name is an error;
