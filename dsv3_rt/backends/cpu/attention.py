@@ -82,9 +82,8 @@ def split_kv_b_int8(kv_b: Weight, heads: int, dn: int) -> tuple[torch.Tensor, to
     weight's meta; None where they do not tile (the absorbed form then reads them in fp32)."""
     key = (_INT8_SPLIT, heads, dn)
     if key not in kv_b.meta:
-        w = kv_b.dequantize(torch.float32).view(heads, -1, kv_b.shape[-1])  # [H, dn + dv, r]
-        r = w.shape[-1]
-        halves = [dense(w[:, :dn].transpose(1, 2).reshape(heads * r, dn)), dense(w[:, dn:].reshape(-1, r))]
+        w_uk, w_uv_t = split_kv_b(kv_b, heads, dn, torch.float32)  # (kept: the fp32 form a prompt attends with)
+        halves = [dense(w.transpose(1, 2).reshape(-1, w.shape[1])) for w in (w_uk, w_uv_t)]  # W_UK^T, W_UV
         got = None
         if all(can_tile(h) for h in halves):
             got = ()

@@ -28,8 +28,6 @@ void dsv3_rms_norm(const float *x, const float *w, float *y, long m, long d, flo
     }
 }
 
-void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k);
-
 /* out [t, d] = eh_proj @ [rms_norm(e, enorm) ; rms_norm(h, hnorm)] per row, eh_proj [d, 2d] a tiled weight (bits 8:
  * int8_tiles with bf16 row scales, 4: int4_tiles): Kernels.mtp_project, the norms and the product this backend's
  * rms_norm and linear compute, in one call (an MTP draft made five torch ops and three C calls of it). */
