@@ -5,9 +5,10 @@ dtype of the cpu backend: decode a fixed number of tokens (EOS ignored) after ea
 prompts with plain greedy decoding and with `mtp=k` (k = 1, 2, 3), after a warm-up, and report the median
 over several runs of decode tokens/s (the prefill step excluded), the speedup over plain decoding measured in
 the same run, the draft acceptance rate, mean tokens per main-model step, and whether every output equals
-plain greedy decoding token for token. One more run per setting is profiled (main forward, MTP drafting, the
-rest of the step) to show where the time goes. Targets: >= 1.4x at k = 1 and acceptance >= 60% on the dtype
-whose plain decoding is fastest. Writes bench/results/mtp-<date>.json.
+plain greedy decoding token for token. As many runs again are profiled, the settings interleaved the same way
+(main forward, MTP drafting, the rest of the step and, on the cpu backend, the time inside its C kernels), to show
+where the time goes and what k = 1 would gain if nothing but the kernels took time. Targets: >= 1.4x at k = 1 and
+acceptance >= 60% on the dtype whose plain decoding is fastest. Writes bench/results/mtp-<date>.json.
 
     python bench/bench_mtp.py            # 64 new tokens, 6 prompts, 5 runs, dtypes float32 bfloat16 int8
     python bench/bench_mtp.py --quick    # 32 new tokens, 4 prompts, 3 runs
@@ -40,7 +41,9 @@ PROMPTS = [
 
 
 class StepProfile:
-    """Seconds spent per decode step in the main forward, the MTP drafting (forward + head + draw) and the rest."""
+    """Seconds spent per decode step in the main forward, the MTP drafting (forward + head + draw) and the rest, and,
+    on the cpu backend, inside its C kernels: every call through `native.library()` is timed, which tells the
+    kernels' own cost from the Python, torch and ctypes work around them."""
 
     def __init__(self, engine) -> None:  # noqa: ANN001
         self.seconds: dict[str, float] = defaultdict(float)
@@ -50,6 +53,14 @@ class StepProfile:
         engine.graph.mtp = self._timed("mtp forward", graph.mtp)
         engine._draft = self._timed("mtp drafting", engine._draft)
         self.graph = graph
+        self.native = None
+        if graph.k.name == "cpu":
+            from dsv3_rt.backends.cpu import native
+
+            lib = native.library()
+            if lib is not None:
+                self.native, self.library = native, native.library
+                native.library = lambda: _TimedLibrary(lib, self._timed)
 
     def _timed(self, name: str, fn):  # noqa: ANN001, ANN202
         def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
@@ -63,9 +74,21 @@ class StepProfile:
     def restore(self) -> None:
         for name in ("forward", "mtp"):
             self.graph.__dict__.pop(name, None)
+        if self.native is not None:
+            self.native.library = self.library
 
     def reset(self) -> None:
         self.seconds.clear()
+
+
+class _TimedLibrary:
+    """The C library with each function timed as "kernels"."""
+
+    def __init__(self, lib, timed) -> None:  # noqa: ANN001
+        self.lib, self.timed = lib, timed
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return self.timed("kernels", getattr(self.lib, name))
 
 
 def decode(model, ids: list[int], k: int, n: int, profile: bool = False) -> dict:  # noqa: ANN001
@@ -91,6 +114,11 @@ def decode(model, ids: list[int], k: int, n: int, profile: bool = False) -> dict
     spec = engine.spec
     return {"tokens": list(seq.generated), "decoded": len(seq.generated) - 1, "seconds": seconds, "steps": steps,
             "drafted": spec.drafted, "accepted": spec.accepted, "profile": dict(prof.seconds) if prof else None}
+
+
+def _per_token(run: dict, what: str) -> float:
+    """A decode's seconds per new token, all of it ("seconds") or inside the C kernels ("kernels")."""
+    return (run["seconds"] if what == "seconds" else run["profile"]["kernels"]) / run["decoded"]
 
 
 def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int]], n: int, runs: int) -> dict:
@@ -124,11 +152,12 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
                     totals[k][key] += r[key]
     rates = {k: [len(per) / sum(per) for per in seconds[k]] for k in settings_order}  # tok/s of each run, all prompts
     settings = {}
-    for k in (0, *KS):
-        prof = [decode(model, p, k, n, profile=True) for p in prompts]
+    profiled = [[decode(model, p, k, n, profile=True) for k in (0, *KS)] for _ in range(runs) for p in prompts]
+    for i, k in enumerate((0, *KS)):
+        prof = [row[i] for row in profiled]
         prof_steps = sum(r["steps"] for r in prof)
         per_step_ms = {name: 1e3 * sum(r["profile"].get(name, 0.0) for r in prof) / prof_steps
-                       for name in ("main forward", "mtp drafting", "mtp forward")}
+                       for name in ("main forward", "mtp drafting", "mtp forward", "kernels")}
         per_step_ms["step"] = 1e3 * sum(r["seconds"] for r in prof) / prof_steps
         per_step_ms["rest"] = per_step_ms["step"] - per_step_ms["main forward"] - per_step_ms["mtp drafting"]
         t = totals[k]
@@ -137,6 +166,13 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
                        "acceptance": t["accepted"] / t["drafted"] if t["drafted"] else None,
                        "tokens_per_step": t["decoded"] / t["steps"], "outputs": outs[k], "per_step_ms": per_step_ms,
                        "identical_prompts": sum(a == b for a, b in zip(outs[k], outs[0]))}
+        plain = settings[0]["per_step_ms"]
+        if k and plain["kernels"] >= plain["step"] / 2:  # where the C kernels do the work, not torch's ops; each
+            # profiled decode against the plain one just before it, as "speedup"
+            settings[k]["profiled_speedup"] = statistics.median(_per_token(row[0], "seconds") / _per_token(row[i], "seconds")
+                                                                for row in profiled)
+            settings[k]["kernel_bound"] = statistics.median(_per_token(row[0], "kernels") / _per_token(row[i], "kernels")
+                                                            for row in profiled)
         print(f"  {dtype} k={k}: {settings[k]['tok_s']:.1f} tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
     return {"backend": backend, "dtype": dtype, "kernels": model.kernels.name, "load_s": load_s, "settings": settings}
 
@@ -144,14 +180,14 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
 def print_dtype(res: dict, n_prompts: int) -> None:
     print(f"\n{res['backend']} {res['dtype']}:")
     head = (f"  {'mtp k':>5} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'tok/step':>8} {'same as greedy':>14}"
-            f"   per step ms: {'total':>6} {'main fwd':>8} {'mtp draft':>9} {'(mtp fwd)':>9} {'rest':>6}")
+            f"   per step ms: {'total':>6} {'main fwd':>8} {'mtp draft':>9} {'(mtp fwd)':>9} {'rest':>6} {'C kernels':>9}")
     print(head)
     for k, s in res["settings"].items():
         ms = s["per_step_ms"]
         acc = f"{100 * s['acceptance']:6.1f}%" if s["acceptance"] is not None else f"{'-':>7}"
         print(f"  {k if k else 'off':>5} {s['tok_s']:8.1f} {s['speedup']:7.2f}x {acc} {s['tokens_per_step']:8.2f} "
               f"{s['identical_prompts']:>9}/{n_prompts:<4}   {'':>13}{ms['step']:6.2f} {ms['main forward']:8.2f} "
-              f"{ms['mtp drafting']:9.2f} {ms['mtp forward']:9.2f} {ms['rest']:6.2f}")
+              f"{ms['mtp drafting']:9.2f} {ms['mtp forward']:9.2f} {ms['rest']:6.2f} {ms['kernels']:9.2f}")
 
 
 def main() -> int:
@@ -219,6 +255,10 @@ def main() -> int:
     bound = k1["tokens_per_step"] * ms0["step"] / (ms0["step"] + ms1["mtp drafting"])
     print(f"  even if verifying 2 tokens cost what 1 costs and verification were free, k = 1 would run at most "
           f"{bound:.2f}x: drafting one token costs {ms1['mtp drafting'] / ms0['step']:.2f}x a plain step here")
+    if "kernel_bound" in k1:
+        print(f"  with no time outside the C kernels (no Python, torch or ctypes), k = 1 would run at "
+              f"{k1['kernel_bound']:.2f}x, where the same profiled runs measured {k1['profiled_speedup']:.2f}x: the kernels "
+              f"take {ms1['kernels']:.2f} ms of a k = 1 step and {ms0['kernels']:.2f} ms of a plain one")
     best = max(((r, k) for r in ok for k in KS), key=lambda rk: rk[0]["settings"][rk[1]]["speedup"])
     print(f"  best setting: {best[0]['dtype']} k = {best[1]}, {best[0]['settings'][best[1]]['speedup']:.2f}x")
     load_after = os.getloadavg()

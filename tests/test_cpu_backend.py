@@ -376,7 +376,8 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
     """Decode, verify and MTP steps of several sequences run the whole stack of layers as one C call, and each MLA / MoE
     block as one C call where the stack is not one: the same outputs and cache, bit for bit, as composing the
     backend's own ops (the reference Kernels.decoder_layers / mla_block / moe_block over them). With 2 threads the
-    default model's blocks of 2+ rows give each thread rows of its own (native/team.h). (At int4 the default model's
+    default model's blocks of 2+ rows give each thread rows of its own (native/team.h), a row attending to the
+    latents another thread wrote. (At int4 the default model's
     q_b and o do not tile, so its MLA blocks, and with them its stack, compose; conformance's cases tile at int4.)"""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")
@@ -387,7 +388,8 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
 
     model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype=dtype, progress=False)
     g, k = model.graph, model.kernels
-    steps = [([0], [0], [10]), ([1], [0], [6]), ([0, 1], [10, 6], [1, 1]), ([0, 1, 2], [11, 7, 0], [2, 1, 1])]
+    steps = [([0], [0], [10]), ([1], [0], [6]), ([0, 1], [10, 6], [1, 1]), ([0, 1, 2], [11, 7, 0], [2, 1, 1]),
+             ([0], [13], [3])]  # the last as an MTP verification: one sequence's rows on both threads
     ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
 
     def compose(name: str) -> None:  # the reference composite over this backend's other ops

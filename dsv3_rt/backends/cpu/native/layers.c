@@ -41,7 +41,8 @@ typedef struct {
 } layer_args;
 
 /* Whether every block of the stack would give each thread rows of its own (team.h): then the whole stack does,
- * in one team entry, with the MLA blocks' barriers as its only waits (a row's FFN reads its own rows only). */
+ * in one team entry, with the MLA blocks' waits as its only ones (a row's FFN reads its own rows only): for the
+ * latents of earlier rows, or with last_only at barriers. */
 static int split_stack(const layer_args *layers, long n_layers, long t, long d) {
     long work = 0;
     for (long i = 0; i < n_layers; i++) {

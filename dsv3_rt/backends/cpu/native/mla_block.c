@@ -6,6 +6,8 @@
  * caches, and each of the block's ~15 torch ops and ctypes calls then cost 2x their warm time (bench preset,
  * int8: the block's ops took ~505 us a layer in sequence against ~160 us of weight reads; this call 304 us).
  */
+#include <immintrin.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,12 +60,27 @@ typedef struct mla_call {
     int last_only;
     float *x, *xm, *kv, *q, *qa, *q_nope, *pe, *q_pe, *out;
     int64_t *pos;
+    long *written;  /* per thread of a team: the blocks whose latents it has written (layers.c shares one call) */
 } mla_call;
 
+/* Publish that this thread's latents of its current block are in the cache, then wait for those of every thread
+ * with earlier rows: a row attends to its own position and earlier ones only, and the threads' shares of the rows
+ * follow their ids. Where each query row is its own cache row (no last_only), this replaces a barrier: the thread
+ * with the first rows never waits, and a late sibling delays the step once, at the team's end, instead of at each
+ * of its blocks (the default model's 2-token verification: two barriers in each of 8 layers). */
+static void latents_written(const mla_call *c) {
+    const long id = omp_get_thread_num(), done = c->written[id] + 1;
+    __atomic_store_n(&c->written[id], done, __ATOMIC_RELEASE);
+    for (long j = 0; j < id; j++)
+        for (long spins = 0; __atomic_load_n(&c->written[j], __ATOMIC_ACQUIRE) < done; spins++)
+            if (spins < 4096) _mm_pause(); else sched_yield();  /* yield where the team outnumbers the cores */
+}
+
 /* The block for cache rows [c0, c1) (of t: every row enters the cache) and query rows [q0, q1) (of m: the rows that go
- * on through attention). Called by every thread of a team with its share, or once with all rows; the barriers order
- * the shares' writes (the normed rows a query row copies, the latents every later row attends to) before their reads,
- * and outside a parallel region they do nothing. */
+ * on through attention). Called by every thread of a team with its share, or once with all rows. The shares' writes
+ * that other threads read come before those reads: with last_only, by barriers (a query row copies the normed row of
+ * another share; outside a parallel region they do nothing); else each query row is its own thread's cache row, and
+ * only the latents of earlier rows are another thread's (latents_written). */
 static void block_rows(const mla_call *c, long c0, long c1, long q0, long q1) {
     const block_args *a = c->a;
     const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, width = r + dr, qw = dn + dr, d = a->kv_a.k;
@@ -72,7 +89,9 @@ static void block_rows(const mla_call *c, long c0, long c1, long q0, long q1) {
         dsv3_add_rms_norm(c->h + c0 * d, c->residual + c0 * d, c->norm, c->x + c0 * d, c->stream + c0 * d, c1 - c0, d, a->eps);
     else
         dsv3_rms_norm(c->h + c0 * d, c->norm, c->x + c0 * d, c1 - c0, d, a->eps);
-    #pragma omp barrier
+    if (c->last_only) {
+        #pragma omp barrier
+    }
     for (long s = 0; s < c->count; s++) {  /* the query rows: all rows, or each sequence's last */
         const long at = c->att[4 * s + 2], rows = c->att[4 * s + 3];
         const long first = c->last_only ? c->spans[4 * s + 2] + c->spans[4 * s + 3] - 1 : at;
@@ -113,17 +132,23 @@ static void block_rows(const mla_call *c, long c0, long c1, long q0, long q1) {
         memcpy(c->pe + i * dr, c->q + i * qw + dn, dr * sizeof(float));
     }
     dsv3_rope(c->pe + q0 * heads * dr, c->pos + q0, a->inv_freq, a->rope_factor, c->q_pe + q0 * heads * dr, q1 - q0, heads, dr);
-    #pragma omp barrier
-    float *heads_out = c->q;  /* [m, heads, dv] reuses q's buffer (dv <= dn + dr is checked by the caller) */
+    if (c->last_only) {
+        #pragma omp barrier
+    } else {
+        latents_written(c);
+    }
+    /* the heads' outputs [q1 - q0, heads, dv] reuse this share's rows of q (dv <= dn + dr is checked by the caller):
+     * the other shares' rows of q may still be in use */
+    float *heads_out = c->q + q0 * heads * qw;
     for (long s = 0; s < c->count; s++) {  /* each sequence's query rows in [q0, q1) */
         const long slot = c->att[4 * s], start = c->att[4 * s + 1], at = c->att[4 * s + 2], rows = c->att[4 * s + 3];
         const long lo = at > q0 ? at : q0, hi = at + rows < q1 ? at + rows : q1;
         if (hi > lo)
             dsv3_mla_absorbed(c->q_nope + lo * heads * dn, c->q_pe + lo * heads * dr, a->w_uk, a->uk_scale, a->w_uv_t,
-                              a->uv_scale, a->cache + slot * a->max_len * width, heads_out + lo * heads * a->dv, hi - lo,
+                              a->uv_scale, a->cache + slot * a->max_len * width, heads_out + (lo - q0) * heads * a->dv, hi - lo,
                               heads, dn, dr, r, a->dv, start + lo - at, a->softmax_scale);
     }
-    project(&a->o, heads_out + q0 * heads * a->dv, c->out + q0 * a->o.n, q1 - q0);
+    project(&a->o, heads_out, c->out + q0 * a->o.n, q1 - q0);
 }
 
 /* A call's buffers and row tables for t rows (m of them query rows) of this block's shapes; layers.c shares one
@@ -152,10 +177,12 @@ mla_call *dsv3_mla_call_new(const block_args *a, const int64_t *positions, long 
     c->q_nope = malloc(m * heads * (dn + 2 * dr) * sizeof(float));
     c->pe = c->q_nope + m * heads * dn;
     c->q_pe = c->pe + m * heads * dr;
+    c->written = calloc(omp_get_max_threads(), sizeof(long));
     return c;
 }
 
 void dsv3_mla_call_free(mla_call *c) {
+    free(c->written);
     free(c->q_nope);
     free(c->qa);
     free(c->q);
