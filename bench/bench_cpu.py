@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from results_path import fresh_stem
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 PROMPT_LEN = 16
 
 
@@ -524,8 +525,7 @@ def main() -> int:
               f"around the decode runs, in each engine's process; {spread_bw}); "
               f"before: {load_before}; after: {_load_note()}{spread}\n\n{text}\n\nTargets:\n{tgt_text}\n")
     print("\n" + report)
-    RESULTS.mkdir(exist_ok=True)
-    stem = args.out or RESULTS / f"cpu-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M')}"
+    stem = args.out or fresh_stem(f"cpu{'-quick' if args.quick else ''}")
     Path(f"{stem}.json").write_text(json.dumps({"machine": machine, "threads": args.threads, "bandwidth": {"read_gbps": bw_gbps},
                                                 "load_before": load_before, "load_after": _load_note(), "quick": args.quick,
                                                 "results": results, "targets": [{"name": n, "value": v, "pass": ok} for n, v, ok in tgt]},

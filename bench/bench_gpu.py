@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from bench_cpu import PROMPT_LEN, make_hf_checkpoint, prompt_ids
+from results_path import fresh_stem
 
-HERE = Path(__file__).resolve().parent
 PREFILL = (128, 1024)
 
 
@@ -168,7 +168,7 @@ def main() -> int:
     for name, a in agree.items():
         print(f"prefill logits, {name} vs transformers float32 (GPU): top-1 agreement {a['top1_agreement']:.1%}, "
               f"max |diff| {a['max_abs_diff_over_spread']:.2e} of the logits' spread")
-    out = Path(args.out) if args.out else HERE / "results" / f"gpu-{time.strftime('%Y%m%d-%H%M')}.json"
+    out = Path(args.out) if args.out else fresh_stem("gpu").with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
                                "host": platform.node(), "preset": "bench", "prompt_len": PROMPT_LEN, "args": vars(args),

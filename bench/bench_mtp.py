@@ -25,8 +25,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from results_path import fresh_stem
+
 THREADS = 2
 KS = (1, 2, 3)
 TARGET_SPEEDUP, TARGET_ACCEPTANCE = 1.4, 0.60
@@ -276,7 +276,7 @@ def main() -> int:
               "fastest": f"{fastest['backend']}:{fastest['dtype']}", "targets": {"speedup_k1": TARGET_SPEEDUP,
                                                                                   "acceptance": TARGET_ACCEPTANCE},
               "verdict": verdict, "seconds": time.time() - t_start}
-    out = Path(args.out) if args.out else RESULTS / f"mtp{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M')}.json"
+    out = Path(args.out) if args.out else fresh_stem(f"mtp{'-quick' if args.quick else ''}").with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -36,9 +36,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from results_path import fresh_stem
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RESULTS = HERE / "results"
 THREADS = 2
 SERVED_NAME = "bench"
 CLIENTS = (1, 8, 32)
@@ -383,7 +384,7 @@ def main() -> int:
         "verdict": verdict, "identical_texts": {"vs_sequential": [same_seq, n_seq], "vs_llama_cpp": [same, n]},
         "seconds": time.time() - t_start,
     }
-    out = Path(args.out) if args.out else RESULTS / f"serve{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M')}.json"
+    out = Path(args.out) if args.out else fresh_stem(f"serve{'-quick' if args.quick else ''}").with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
