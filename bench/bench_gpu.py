@@ -13,7 +13,6 @@ rounding alone moves them by ~10 % of their spread). Prints a table, writes benc
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench_cpu import PROMPT_LEN, make_hf_checkpoint, prompt_ids
-from results_path import fresh_stem
+from results_path import write_json
 
 PREFILL = (128, 1024)
 
@@ -168,12 +167,9 @@ def main() -> int:
     for name, a in agree.items():
         print(f"prefill logits, {name} vs transformers float32 (GPU): top-1 agreement {a['top1_agreement']:.1%}, "
               f"max |diff| {a['max_abs_diff_over_spread']:.2e} of the logits' spread")
-    out = Path(args.out) if args.out else fresh_stem("gpu").with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-                               "host": platform.node(), "preset": "bench", "prompt_len": PROMPT_LEN, "args": vars(args),
-                               "results": results, "logit_agreement": agree}, indent=1))
-    print(f"wrote {out}")
+    write_json({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "host": platform.node(), "preset": "bench", "prompt_len": PROMPT_LEN, "args": vars(args),
+                "results": results, "logit_agreement": agree}, "gpu", args.out)
     return 0
 
 

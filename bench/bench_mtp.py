@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from results_path import fresh_stem
+from results_path import write_json
 
 THREADS = 2
 KS = (1, 2, 3)
@@ -276,10 +276,7 @@ def main() -> int:
               "fastest": f"{fastest['backend']}:{fastest['dtype']}", "targets": {"speedup_k1": TARGET_SPEEDUP,
                                                                                   "acceptance": TARGET_ACCEPTANCE},
               "verdict": verdict, "seconds": time.time() - t_start}
-    out = Path(args.out) if args.out else fresh_stem(f"mtp{'-quick' if args.quick else ''}").with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_json(result, f"mtp{'-quick' if args.quick else ''}", args.out)
     return 0
 
 

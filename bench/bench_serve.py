@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from results_path import fresh_stem
+from results_path import write_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -384,10 +384,7 @@ def main() -> int:
         "verdict": verdict, "identical_texts": {"vs_sequential": [same_seq, n_seq], "vs_llama_cpp": [same, n]},
         "seconds": time.time() - t_start,
     }
-    out = Path(args.out) if args.out else fresh_stem(f"serve{'-quick' if args.quick else ''}").with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_json(result, f"serve{'-quick' if args.quick else ''}", args.out)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Where a benchmark writes its results: bench/results/<name>-<date>-<time>, never over an earlier run's files."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,3 +18,12 @@ def fresh_stem(name: str) -> Path:
         n += 1
         stem = base.with_name(f"{base.name}-{n}")
     return stem
+
+
+def write_json(result: dict, name: str, out: str | None = None) -> Path:
+    """result as JSON at `out`, or at a fresh RESULTS/<name>-<date>-<time>.json; prints where."""
+    path = Path(out) if out else fresh_stem(name).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
