@@ -200,7 +200,7 @@ def _tiled(w: Weight | None) -> _Tiled | None:
     bits = TILED_BITS.get(w.format)
     if bits is None or ggml_act.KEY in w.meta:
         return None
-    return _Tiled(bits, w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr(), w.shape[0], w.shape[1])
+    return _Tiled(bits, w.data.data_ptr(), native.address(w.scale), w.shape[0], w.shape[1])
 
 
 def _block_args(aw: AttentionWeights, spec: MLASpec) -> _BlockArgs | None:
@@ -217,9 +217,8 @@ def _block_args(aw: AttentionWeights, spec: MLASpec) -> _BlockArgs | None:
             and spec.dv <= spec.dn + spec.dr and native.library() is not None):
         w_uk, uk_scale, w_uv_t, uv_scale = (split_kv_b_int8(aw.kv_b, spec.heads, spec.dn)
                                             or (*split_kv_b(aw.kv_b, spec.heads, spec.dn, torch.float32), None, None))
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        args = _BlockArgs(*proj, None if aw.q_a_norm is None else aw.q_a_norm.data_ptr(), aw.kv_a_norm.data_ptr(),
-                          w_uk.data_ptr(), w_uv_t.data_ptr(), ptr(uk_scale), ptr(uv_scale), None, 0,
+        args = _BlockArgs(*proj, native.address(aw.q_a_norm), aw.kv_a_norm.data_ptr(), w_uk.data_ptr(), w_uv_t.data_ptr(),
+                          native.address(uk_scale), native.address(uv_scale), None, 0,
                           spec.heads, spec.dn, spec.dr, spec.r, spec.dv, spec.inv_freq.data_ptr(), spec.rope_factor,
                           spec.eps, spec.softmax_scale)
     aw.kv_a.meta[_BLOCK_KEY] = (spec, args)
@@ -245,7 +244,7 @@ def mla_block(h: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor
     rc = None if residual is None else residual.contiguous()
     stream = hc if rc is None else torch.empty_like(hc)  # h + residual, written by the call
     out = torch.empty(step.count if last_only else h.shape[0], aw.o.shape[0], dtype=torch.float32)
-    native.library().dsv3_mla_block(args, hc.data_ptr(), None if rc is None else rc.data_ptr(), w.data_ptr(),
+    native.library().dsv3_mla_block(args, hc.data_ptr(), native.address(rc), w.data_ptr(),
                                     stream.data_ptr(), step.positions, h.shape[0], step.spans, step.count,
                                     int(last_only), out.data_ptr())
     return out, (take_rows(stream, batch.last_token_rows) if last_only else stream)

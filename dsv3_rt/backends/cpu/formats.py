@@ -188,8 +188,8 @@ def _convert_native(w: Weight, convert: Callable[..., None]) -> bool:
         table = _fp8_table(w.data.dtype, torch.float32, nan=True)
         block_scale = w.scale.float().contiguous()
     for idx in itertools.product(*map(range, lead)):  # each expert of a stack (one () for a matrix)
-        convert(idx, kind, w.data[idx].data_ptr(), None if table is None else table.data_ptr(),
-                None if block_scale is None else block_scale[idx].data_ptr(), bn, bk)
+        convert(idx, kind, w.data[idx].data_ptr(), native.address(table),
+                native.address(None if block_scale is None else block_scale[idx]), bn, bk)
     return True
 
 

@@ -35,7 +35,7 @@ def tiled_bits(*ws: Weight) -> int | None:
 
 
 def pointers(*ws: Weight) -> list[int | None]:
-    return [p for w in ws for p in (w.data.data_ptr(), None if w.scale is None else w.scale.data_ptr())]
+    return [p for w in ws for p in (w.data.data_ptr(), native.address(w.scale))]
 
 
 def dense_mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
@@ -142,7 +142,7 @@ def block_args(mw: MoEWeights, spec: RouterSpec) -> ctypes._Pointer | None:
             and not any(ggml_act.KEY in w.meta for w in (router, *mats))):
         e, d = router.shape
         shared = [0, *[None] * 6] if sh is None else [sh.gate.shape[-2], *pointers(sh.gate, sh.up, sh.down)]
-        args = _BlockArgs(bits, router.data.data_ptr(), None if bias is None else bias.data_ptr(), e, d, spec.top_k,
+        args = _BlockArgs(bits, router.data.data_ptr(), native.address(bias), e, d, spec.top_k,
                           spec.n_group, spec.topk_group, small_ops.SCORING[spec.scoring],
                           small_ops.GROUP_SCORE[spec.group_score], int(spec.normalize), spec.scaling, ex.first,
                           ex.count, ex.gate.shape[-2], *pointers(ex.gate, ex.up, ex.down), *shared)

@@ -62,7 +62,7 @@ def moe_route(x: torch.Tensor, gate: Weight, bias: torch.Tensor | None, spec: Ro
     t, (e, d) = xc.shape[0], g.shape
     weights = torch.empty(t, spec.top_k, dtype=torch.float32)
     ids = torch.empty(t, spec.top_k, dtype=torch.int64)
-    native.library().dsv3_moe_route(xc.data_ptr(), g.data_ptr(), None if b is None else b.data_ptr(), t, d, e, spec.top_k,
+    native.library().dsv3_moe_route(xc.data_ptr(), g.data_ptr(), native.address(b), t, d, e, spec.top_k,
                                     spec.n_group, spec.topk_group, SCORING[spec.scoring], GROUP_SCORE[spec.group_score],
                                     int(spec.normalize), spec.scaling, weights.data_ptr(), ids.data_ptr())
     return weights, ids
@@ -102,7 +102,7 @@ def mtp_project(embedded: torch.Tensor, hidden: torch.Tensor, enorm: torch.Tenso
     e, h, we, wh = (t.contiguous() for t in (embedded, hidden, enorm, hnorm))
     out = torch.empty(e.shape[0], eh_proj.shape[0], dtype=torch.float32)
     native.library().dsv3_mtp_project(bits, e.data_ptr(), h.data_ptr(), we.data_ptr(), wh.data_ptr(), eps,
-                                      eh_proj.data.data_ptr(), None if eh_proj.scale is None else eh_proj.scale.data_ptr(),
+                                      eh_proj.data.data_ptr(), native.address(eh_proj.scale),
                                       out.data_ptr(), e.shape[0], e.shape[1])
     return out
 
@@ -122,8 +122,7 @@ def mla_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w
     r = k.shape[-1] - qp.shape[-1]
     dv = w_uv_t.shape[-1] if uv_scale is None else w_uv_t.shape[0] // heads
     out = torch.empty(n, heads, dv, dtype=torch.float32)
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    native.library().dsv3_mla_absorbed(qn.data_ptr(), qp.data_ptr(), w_uk.data_ptr(), ptr(uk_scale), w_uv_t.data_ptr(),
-                                       ptr(uv_scale), k.data_ptr(), out.data_ptr(), n, heads, dn, qp.shape[-1], r, dv,
-                                       start, scale)
+    native.library().dsv3_mla_absorbed(qn.data_ptr(), qp.data_ptr(), w_uk.data_ptr(), native.address(uk_scale),
+                                       w_uv_t.data_ptr(), native.address(uv_scale), k.data_ptr(), out.data_ptr(), n,
+                                       heads, dn, qp.shape[-1], r, dv, start, scale)
     return out

@@ -114,6 +114,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def address(t: torch.Tensor | None) -> int | None:
+    """t's data pointer for a C call, None (NULL) for an absent tensor."""
+    return None if t is None else t.data_ptr()
+
+
 def has_int4() -> bool:
     """Whether the AVX-512 VNNI kernels are there: the 4-bit one, int8's rounded-activation path and its W8A8."""
     lib = library()
