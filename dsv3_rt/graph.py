@@ -5,36 +5,14 @@ vendor names. Tensors are flat over the tokens of a batch: T = all new tokens of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
-from dsv3_rt.core.kernels import Kernels, LatentCache, LayerWeights, MLASpec, RouterSpec
+from dsv3_rt.core.kernels import Kernels, LatentCache, LayerWeights, MLASpec, ModelWeights, RouterSpec
 from dsv3_rt.core.parallel import SINGLE, Parallel
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight
-
-
-@dataclass
-class MTPWeights:
-    enorm: torch.Tensor
-    hnorm: torch.Tensor
-    eh_proj: Weight  # [D, 2D] over [enorm(embedding) ; hnorm(hidden)]
-    layer: LayerWeights
-    norm: torch.Tensor  # shared_head.norm
-    head: Weight | None = None  # None: the main model's head
-    embed: Weight | None = None  # None: the main model's embedding
-
-
-@dataclass
-class ModelWeights:
-    embed: Weight  # [V, D] (this rank's vocabulary rows under tp)
-    layers: list[LayerWeights]
-    norm: torch.Tensor
-    head: Weight  # [V, D] (this rank's vocabulary rows under tp)
-    mtp: list[MTPWeights]
 
 
 class DeepseekV3:
@@ -79,6 +57,20 @@ class DeepseekV3:
         if self.par.tp_size > 1:
             return self.logits(hidden, head).argmax(dim=-1)
         return self.k.greedy_tokens(hidden, head or self.w.head)
+
+    def greedy_step(self, ids: torch.Tensor, batch: AttnBatch, cache: LatentCache,
+                    draft: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A greedy decode or verification step over cached prefixes: (each row's greedy token [T]; with `draft`, MTP
+        module 0's greedy draft at every row, fed that token, and its output stream [T, D] for chaining), as
+        `Kernels.greedy_step`. Distributed, it composes the same from `forward`, `greedy` and `mtp`."""
+        if self.par.world_group is None:
+            return self.k.greedy_step(ids, self.w, self.mla, self.router, self.cfg.rms_norm_eps, cache, batch, draft)
+        normed = self.forward(ids, batch, cache)
+        tokens = self.agree(self.greedy(normed))
+        if not draft:
+            return tokens, None, None
+        stream, mtp_normed = self.mtp(0, normed, tokens, batch, cache, every_position=True)
+        return tokens, self.agree(self.greedy(mtp_normed)), stream
 
     def mtp(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, batch: AttnBatch,
             cache: LatentCache, every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

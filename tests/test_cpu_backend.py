@@ -435,6 +435,41 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
         assert moe.moe_block(many, many, lw.ffn_norm, eps, lw.ffn, g.router) is None  # 16 rows compose
 
 
+def test_greedy_step_in_one_call_is_the_composite(threads):
+    """A decode step, and an MTP verification with the next draft, is one C call (`dsv3_greedy_step`: the embedding,
+    the stack, the head's argmax and the MTP module at every row): the same tokens, drafts, MTP stream and cache, bit
+    for bit, as the reference Kernels.greedy_step composed of this backend's own ops; a fresh prompt composes."""
+    if native.library() is None:
+        pytest.skip(f"no C kernels: {native.unavailable_reason()}")
+    from dsv3_rt.backends.cpu import layers
+    from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
+
+    model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype="int8", progress=False)
+    g, k = model.graph, model.kernels
+    prompt = AttnBatch.build([0, 1], [0, 0], [10, 6])
+    steps = [(AttnBatch.build([0, 1], [10, 6], [1, 1]), True), (AttnBatch.build([0, 1], [11, 7], [2, 3]), True),
+             (AttnBatch.build([1], [10], [1]), False), (AttnBatch.build([0], [13], [2]), True)]
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            k.greedy_step = lambda *a, **kw: Kernels.greedy_step(k, *a, **kw)
+        cache, outs = g.new_cache(2, 32), []
+        hidden = g.forward(ids[:16], prompt, cache)
+        g.mtp(0, hidden, ids[1:17], prompt, cache, every_position=True)
+        off = 16
+        for batch, draft in steps:
+            outs += [t for t in g.greedy_step(ids[off:off + batch.num_tokens], batch, cache, draft) if t is not None]
+            off += batch.num_tokens
+        runs.append((outs, [b.clone() for b in cache.buffers]))
+        k.__dict__.pop("greedy_step", None)
+    for got, want in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+        assert torch.equal(got, want)
+    w, args = g.w, (g.mla, g.router, model.config.rms_norm_eps, g.new_cache(2, 32))
+    assert layers.greedy_step(ids[:2], w, *args, steps[0][0], True) is not None  # the C call ran
+    assert layers.greedy_step(ids[:16], w, *args, prompt, True) is None  # a fresh prompt composes
+
+
 def test_quantised_model_no_further_from_fp32_than_reference_quantisation():
     """Our int4 / int8 logits are no further from the fp32 model than the reference's own quantisers."""
     fp32 = dsv3_rt.load("tiny", backend="reference", dtype="float32", progress=False).logits(PROMPT)

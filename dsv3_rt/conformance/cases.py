@@ -21,6 +21,7 @@ import torch
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.kernels import (DTYPES, AttentionWeights, ExpertWeights, Kernels, LayerWeights, MLASpec, MLPWeights,
+                                  ModelWeights, MTPWeights,
                                   MoEWeights, RouterSpec)
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight, dense, fp8_weight, quantize_fp8_block
@@ -62,7 +63,8 @@ class OpCase:
     call: Callable[[Kernels, dict[str, Any]], list[torch.Tensor]]  # prepared inputs -> outputs
     check: str = "close"  # "close" | "routing" | "sample" | "quant" | "layers" (close, at the whole-model tolerances:
     #                       errors compound over layers) | "argmax" (ids whose reference logits are the row's max within
-    #                       the tolerance: a rounding may flip a near-tie)
+    #                       the tolerance: a rounding may flip a near-tie) | "greedy_step" (argmax for the tokens, and
+    #                       for the drafts and layers for the stream against the reference fed the backend's tokens)
     default_dtype: bool = False  # dtype-independent op: created with the backend's default dtype
 
     @property
@@ -551,6 +553,73 @@ def _mtp_project(t: int, d: int = 128, strided: bool = False):
 CALLS["mtp_project"] = lambda k, a: [k.mtp_project(a["embedded"], a["hidden"], a["enorm"], a["hnorm"], a["eh_proj"], a["eps"])]
 for _v, _args in (("one_row", (1,)), ("verify_2", (2,)), ("prompt_200", (200, 128, True))):
     case("mtp_project", _v, f"T={_args[0]},D=128", DTYPES)(_mtp_project(*_args))
+
+
+# --- a greedy step: the main model's tokens, the MTP module's drafts ------------------------------------------------
+_GREEDY_STEPS = [([0, 1], [0, 0], [9, 4]), ([0, 1], [9, 4], [1, 1]), ([0, 1], [10, 5], [2, 3])]  # prompts, decode, verify
+
+
+def _greedy_step_inputs(g: torch.Generator, dtype: str) -> dict[str, Any]:
+    """A one-MoE-layer model (the decoder_layers case's layer, a 64-token vocabulary) with an MTP module whose layer is
+    dense (a router fed the main layer's rounding would flip near-tied experts between backends), and each step's
+    token ids."""
+    a: dict[str, Any] = {"batches": [AttnBatch.build(*step) for step in _GREEDY_STEPS]}
+    for p in ("main.", "mtp."):
+        a.update(_attention_inputs(g, dtype, 64, p))
+        a.update(_moe_inputs(g, dtype, 0, 12, True, p) if p == "main." else _mlp_inputs(g, dtype, 128, 128, p))
+        a[p + "ffn_norm"], a[p + "final_norm"] = Vec(1 + 0.1 * randn(g, 128)), Vec(1 + 0.1 * randn(g, 128))
+    a.update({"embed": W(checkpoint_weight(g, dtype, 64, 128), "embedding"),
+              "head": W(checkpoint_weight(g, dtype, 64, 128), "head"),
+              "enorm": Vec(1 + 0.1 * randn(g, 128)), "hnorm": Vec(1 + 0.1 * randn(g, 128)),
+              "eh_proj": W(checkpoint_weight(g, dtype, 128, 256), "linear")})
+    for i, (_, _, lengths) in enumerate(_GREEDY_STEPS):
+        a[f"ids{i}"] = torch.randint(0, 64, (sum(lengths),), generator=g)
+    return a
+
+
+def _greedy_setup(k: Kernels, a: dict[str, Any]) -> tuple[ModelWeights, MLASpec, Any]:
+    """The case's weights, and a cache holding the prompts (step 0) in the main and the MTP layer."""
+    def layer(p: str) -> LayerWeights:
+        ffn = _moe_weights(a, p) if p == "main." else MLPWeights(*(a[p + q] for q in ("gate", "up", "down")))
+        return LayerWeights(a[p + "norm"], _attention_weights(a, p), a[p + "ffn_norm"], ffn)
+
+    w = ModelWeights(a["embed"], [layer("main.")], a["main.final_norm"], a["head"],
+                     [MTPWeights(a["enorm"], a["hnorm"], a["eh_proj"], layer("mtp."), a["mtp.final_norm"])])
+    spec, b = _block_spec(k), a["batches"][0]
+    cache = k.new_latent_cache(2, 2, 32, spec.r, spec.dr)
+    batch = AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device)
+    normed = k.decoder_layers(k.embedding(a["ids0"], w.embed), w.layers, 0, w.norm, spec, BLOCK_ROUTER, 1e-6, cache, batch)[0]
+    m = w.mtp[0]
+    x = k.mtp_project(k.embedding(a["ids0"], w.embed), normed, m.enorm, m.hnorm, m.eh_proj, 1e-6)
+    k.decoder_layers(x, [m.layer], 1, m.norm, spec, BLOCK_ROUTER, 1e-6, cache, batch, last_only=True)
+    return w, spec, cache
+
+
+def _call_greedy_step(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
+    w, spec, cache = _greedy_setup(k, a)
+    return [t for i, b in enumerate(a["batches"][1:], 1)
+            for t in k.greedy_step(a[f"ids{i}"], w, spec, BLOCK_ROUTER, 1e-6, cache,
+                                   AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device), draft=True)]
+
+
+def greedy_step_replay(ref: Kernels, a: dict[str, Any], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What the reference computes at each step of the greedy_step case when the MTP module is fed `tokens` (a
+    backend's, per step): [main logits, MTP logits, MTP stream] per step, so a backend's near tie costs it nothing
+    downstream."""
+    w, spec, cache = _greedy_setup(ref, a)
+    m, out = w.mtp[0], []
+    for i, b in enumerate(a["batches"][1:], 1):
+        h = ref.embedding(a[f"ids{i}"], w.embed)
+        normed = ref.decoder_layers(h, w.layers, 0, w.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)[0]
+        x = ref.mtp_project(ref.embedding(tokens[i - 1].cpu().long(), w.embed), normed, m.enorm, m.hnorm, m.eh_proj, 1e-6)
+        mtp_normed, stream = ref.decoder_layers(x, [m.layer], 1, m.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)
+        out += [ref.linear(normed, w.head).float(), ref.linear(mtp_normed, w.head).float(), stream]
+    return out
+
+
+CALLS["greedy_step"] = _call_greedy_step
+case("greedy_step", "decode_verify_draft",
+     "one MoE layer + MTP (dense), D=128,V=64: prompts 9 + 4 | decode 1 + 1 | verify 2 + 3", DTYPES, check="greedy_step")(_greedy_step_inputs)
 
 
 # --- sampling ----------------------------------------------------------------------------------------------

@@ -84,10 +84,11 @@ def batch_vs_single(model: Model, reference: Callable[[], Model], tol: Tolerance
     return compare([prefill, decode], [torch.cat([a[:-1] for a in alone]), torch.stack([a[-1] for a in alone])], tol)
 
 
-def greedy_vs_reference(model: Model, reference: Callable[[], Model], tol: Tolerance) -> Comparison:
-    """Greedy tokens equal the reference's; a divergence passes only where the reference's own top two
-    logits are within tolerance (a near tie that rounding may legitimately flip)."""
-    got = model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+def greedy_vs_reference(model: Model, reference: Callable[[], Model], tol: Tolerance, mtp: int = 0) -> Comparison:
+    """Greedy tokens (mtp: decoded with that many MTP drafts a step, verified by `greedy_step`) equal the reference's
+    plain greedy decoding; a divergence passes only where the reference's own top two logits are within tolerance (a
+    near tie that rounding may legitimately flip)."""
+    got = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, mtp=mtp)
     ref_model = reference()
     want = ref_model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
     if got == want:
@@ -107,6 +108,8 @@ MODEL_CHECKS = (
     ("model.prefill_vs_decode", f"T={len(PROMPT)}", prefill_vs_decode),
     ("model.batch_vs_single", "B=3,T=7+12+3 then 1 each", batch_vs_single),
     ("model.greedy", f"T={len(PROMPT)}+{NEW_TOKENS}", greedy_vs_reference),
+    ("model.greedy_mtp", f"T={len(PROMPT)}+{NEW_TOKENS}, 2 MTP drafts a step",
+     lambda model, reference, tol: greedy_vs_reference(model, reference, tol, mtp=2)),
 )
 
 

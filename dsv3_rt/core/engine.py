@@ -126,6 +126,9 @@ class Engine:
         starts = [s.cached for s in seqs]
         batch = AttnBatch.build([s.slot for s in seqs], starts, [len(c) for c in chunks], k.device)
         ids = int64_tensor([t for c in chunks for t in c], k.device)
+        if all(_greedy(s) and len(c) == 1 + len(s.drafts) and (not self.mtp or s.mtp_cached == s.cached)
+               for s, c in zip(seqs, chunks)):
+            return self._greedy_step(seqs, chunks, batch, ids)
         hidden = self.graph.forward(ids, batch, self.cache)
         offsets = [end - len(c) + 1 for end, c in zip(batch.last_token_rows, chunks)]
         # sequences whose every known token is now cached get new tokens: one row each, k + 1 with drafts
@@ -140,15 +143,55 @@ class Engine:
                 seq = seqs[i]
                 seq.cached = starts[i] + (len(toks) if seq.drafts else len(chunks[i]))
                 seq.drafts, seq.draft_probs = [], None
-                for tok in toks:
-                    seq.generated.append(tok)
-                    out.append((seq, tok))
-                    self._check_stop(seq)
-                    if seq.finished:
-                        break
+                self._emit(seq, toks, out)
         if self.mtp:
             self._draft(seqs, starts, offsets, hidden)
         return out
+
+    def _greedy_step(self, seqs: list[Sequence], chunks: list[list[int]], batch: AttnBatch,
+                     ids: torch.Tensor) -> list[tuple[Sequence, int]]:
+        """A step of greedy sequences that each bring their last token and drafts, with the MTP module (if any) caught
+        up on every cached position: the new tokens, and the next drafts, from one `greedy_step` (the drafts are
+        verified by each row's greedy token, and the module's draft at the last confirmed row is the next one)."""
+        tokens, drafts, stream = self.graph.greedy_step(ids, batch, self.cache, draft=bool(self.mtp))
+        picked = tokens.tolist()
+        proposed = drafts.tolist() if drafts is not None else []
+        verifying = any(s.drafts for s in seqs)
+        out: list[tuple[Sequence, int]] = []
+        group, rows, row = [], [], 0
+        for seq, chunk in zip(seqs, chunks):
+            toks = verify_greedy(picked[row:row + len(chunk)], seq.drafts)
+            if verifying:
+                self._record(seq, toks)
+            seq.cached += len(toks)
+            seq.drafts = []
+            self._emit(seq, toks, out)
+            if self.mtp:
+                seq.mtp_cached = seq.cached
+                if not seq.finished and self._draft_len(seq) > 0:
+                    seq.drafts.append(proposed[row + len(toks) - 1])
+                    group.append(seq)
+                    rows.append(row + len(toks) - 1)
+            row += len(chunk)
+        if self.mtp > 1 and group:  # (k = 1 drafts no more)
+            self._chain_drafts(group, take_rows(stream, rows))
+        return out
+
+    def _emit(self, seq: Sequence, toks: list[int], out: list[tuple[Sequence, int]]) -> None:
+        """Append new tokens to a sequence (and to `out`) until one of them finishes it."""
+        for tok in toks:
+            seq.generated.append(tok)
+            out.append((seq, tok))
+            self._check_stop(seq)
+            if seq.finished:
+                break
+
+    def _record(self, seq: Sequence, toks: list[int]) -> None:
+        """Count a verification: seq's drafts, of which len(toks) - 1 were kept."""
+        self.spec.drafted += len(seq.drafts)
+        self.spec.accepted += len(toks) - 1
+        self.spec.verify_steps += 1
+        self.spec.verify_tokens += len(toks)
 
     def _new_tokens(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[list[int]]:
         """New tokens per ready sequence from its rows of the final hidden states (1 row, or k + 1 rows verifying k
@@ -172,10 +215,7 @@ class Engine:
             else:
                 probs = k.sampling_probs(logits[row:row + n], *self._params([s] * n, logits.device))
                 toks = verify(probs, s.drafts, s.draft_probs, s.generator)
-            self.spec.drafted += len(s.drafts)
-            self.spec.accepted += len(toks) - 1
-            self.spec.verify_steps += 1
-            self.spec.verify_tokens += len(toks)
+            self._record(s, toks)
             result.append(toks)
             row += n
         return self.graph.agree_lists(result)
@@ -186,7 +226,7 @@ class Engine:
         live = [i for i, s in enumerate(seqs) if not s.finished and s.cached > s.mtp_cached]
         if not live:
             return
-        k, dev = self.graph.k, self.graph.k.device
+        dev = self.graph.k.device
         rows, next_ids, lengths = [], [], []
         for i in live:
             s = seqs[i]  # MTP position p pairs the main hidden at p with the token at p + 1
@@ -201,28 +241,38 @@ class Engine:
         drafting = [(j, seqs[i]) for j, i in enumerate(live) if seqs[i].cached == seqs[i].length - 1 and self._draft_len(seqs[i]) > 0]
         picked = [j for j, _ in drafting]  # h, normed: one row per live sequence (its last position)
         group = [s for _, s in drafting]
-        h, normed = take_rows(h, picked), take_rows(normed, picked)
-        depth = 0
-        while group:
-            if all(_greedy(s) for s in group):  # greedy verification needs the drafts only, not their distributions
-                drafts = self.graph.agree_lists([[t] for t in self.graph.greedy(normed).tolist()])
-                for s, d in zip(group, drafts):
-                    s.drafts.append(d[0])
-            else:
-                probs = k.sampling_probs(self.graph.logits(normed), *self._params(group, dev))
-                drafts = self.graph.agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
-                for j, s in enumerate(group):
-                    s.drafts.append(drafts[j][0])
-                    s.draft_probs = probs[j:j + 1] if s.draft_probs is None else torch.cat([s.draft_probs, probs[j:j + 1]])
-            depth += 1
+        if group:
+            self._pick_drafts(group, take_rows(normed, picked))
+            self._chain_drafts(group, take_rows(h, picked))
+
+    def _pick_drafts(self, group: list[Sequence], normed: torch.Tensor) -> None:
+        """Append one draft per sequence from the MTP module's output rows `normed` (its shared head's input): the
+        argmax, or for a sampled sequence a draw, whose distribution verification needs."""
+        if all(_greedy(s) for s in group):  # greedy verification needs the drafts only, not their distributions
+            for s, d in zip(group, self.graph.agree_lists([[t] for t in self.graph.greedy(normed).tolist()])):
+                s.drafts.append(d[0])
+            return
+        probs = self.graph.k.sampling_probs(self.graph.logits(normed), *self._params(group, self.graph.k.device))
+        drafts = self.graph.agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
+        for j, s in enumerate(group):
+            s.drafts.append(drafts[j][0])
+            s.draft_probs = probs[j:j + 1] if s.draft_probs is None else torch.cat([s.draft_probs, probs[j:j + 1]])
+
+    def _chain_drafts(self, group: list[Sequence], h: torch.Tensor) -> None:
+        """Draft on while a sequence of `group` wants more (k > 1): the MTP module again on its own output stream h
+        (one row per sequence) and its last draft, as vLLM chains it. The chained cache entries sit past each
+        sequence's confirmed length and are overwritten next step."""
+        dev = self.graph.k.device
+        while True:
             keep = [j for j, s in enumerate(group) if len(s.drafts) < self._draft_len(s)]
             if not keep:
-                break
+                return
             group = [group[j] for j in keep]
-            sel = int64_tensor(keep, dev)
-            chain = AttnBatch.build([s.slot for s in group], [s.cached + depth - 1 for s in group], [1] * len(group), dev)
-            ids = int64_tensor([s.drafts[-1] for s in group], dev)
-            h, normed = self.graph.mtp(0, h[sel], ids, chain, self.cache)  # chained on its own output
+            starts = [s.cached + len(s.drafts) - 1 for s in group]  # each last draft's position
+            chain = AttnBatch.build([s.slot for s in group], starts, [1] * len(group), dev)
+            last = int64_tensor([s.drafts[-1] for s in group], dev)
+            h, normed = self.graph.mtp(0, take_rows(h, keep), last, chain, self.cache)
+            self._pick_drafts(group, normed)
 
     def _draft_len(self, s: Sequence) -> int:
         """Drafts to verify next step: at most mtp, never past max_new_tokens or the context."""

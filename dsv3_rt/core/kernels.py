@@ -29,12 +29,12 @@ API_VERSION = 1
 
 #: Every op of the interface, in the order a token meets them. `Capabilities.ops` names a subset of these.
 OPS = ("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "decoder_layers", "mla_block", "linear", "rope", "store_latent",
-       "mla_attention", "moe_block", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "mtp_project", "sampling_probs",
-       "sample", "all_reduce", "all_gather")
+       "mla_attention", "moe_block", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "mtp_project", "greedy_step",
+       "sampling_probs", "sample", "all_reduce", "all_gather")
 
 #: Ops whose reference is written in the other ops: a backend that keeps it runs its own kernels through it, which
 #: is no fallback. A backend overrides one to fuse what it composes.
-COMPOSITE_OPS = ("decoder_layers", "mla_block", "moe_block", "greedy_tokens", "mtp_project")
+COMPOSITE_OPS = ("decoder_layers", "mla_block", "moe_block", "greedy_tokens", "mtp_project", "greedy_step")
 
 #: Runtime weight formats selectable with `dtype=` at load.
 DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
@@ -124,6 +124,28 @@ class LayerWeights:
     attn: AttentionWeights
     ffn_norm: torch.Tensor
     ffn: MLPWeights | MoEWeights
+
+
+@dataclass
+class MTPWeights:
+    """One MTP module (DeepSeek-V3's layer num_hidden_layers): its input projection, decoder layer and shared head."""
+
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    eh_proj: Weight  # [D, 2D] over [enorm(embedding) ; hnorm(hidden)]
+    layer: LayerWeights
+    norm: torch.Tensor  # shared_head.norm
+    head: Weight | None = None  # None: the main model's head
+    embed: Weight | None = None  # None: the main model's embedding
+
+
+@dataclass
+class ModelWeights:
+    embed: Weight  # [V, D] (this rank's vocabulary rows under tp)
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    head: Weight  # [V, D] (this rank's vocabulary rows under tp)
+    mtp: list[MTPWeights]
 
 
 @dataclass
@@ -491,6 +513,28 @@ class Kernels:
         embedded and hidden [T, D] -> [T, D], eh_proj [D, 2D]. A composite of rms_norm and linear."""
         x = torch.cat([self.rms_norm(embedded, enorm, eps), self.rms_norm(hidden, hnorm, eps)], dim=-1)
         return self.linear(x, eh_proj)
+
+    def greedy_step(self, ids: torch.Tensor, w: ModelWeights, mla: MLASpec, router: RouterSpec, eps: float,
+                    cache: LatentCache, batch: AttnBatch,
+                    draft: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A greedy step of one process (no tp / ep groups) whose sequences sit on a cached prefix: ids [T] ->
+        (tokens [T], drafts [T] or None, stream [T, D] or None). A composite:
+          normed = decoder_layers(embedding(ids, w.embed), w.layers, 0, w.norm, ..)[0];  tokens = greedy_tokens(normed, w.head)
+        and with `draft`, MTP module 0 (m = w.mtp[0], cache layer len(w.layers)) at every row, fed the token the main
+        model picks there (the token that follows the row wherever the row is confirmed):
+          x = mtp_project(embedding(tokens, m.embed or w.embed), normed, m.enorm, m.hnorm, m.eh_proj)
+          mtp_normed, stream = decoder_layers(x, [m.layer], len(w.layers), m.norm, ..)
+          drafts = greedy_tokens(mtp_normed, m.head or w.head)
+        Decoding verifies the drafts with `tokens` and drafts on from the last confirmed row. A backend overrides it to
+        make such a step one call."""
+        normed = self.decoder_layers(self.embedding(ids, w.embed), w.layers, 0, w.norm, mla, router, eps, cache, batch)[0]
+        tokens = self.greedy_tokens(normed, w.head)
+        if not draft:
+            return tokens, None, None
+        m = w.mtp[0]
+        x = self.mtp_project(self.embedding(tokens, m.embed or w.embed), normed, m.enorm, m.hnorm, m.eh_proj, eps)
+        mtp_normed, stream = self.decoder_layers(x, [m.layer], len(w.layers), m.norm, mla, router, eps, cache, batch)
+        return tokens, self.greedy_tokens(mtp_normed, m.head or w.head), stream
 
     def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """The distribution a token is drawn from, per row. logits [B, V] fp32 -> probs [B, V] fp32.

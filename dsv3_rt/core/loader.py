@@ -12,10 +12,10 @@ from dsv3_rt.core import ggml_act
 from dsv3_rt.core.checkpoint import Range, TensorSource
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.errors import CheckpointError
-from dsv3_rt.core.kernels import AttentionWeights, ExpertWeights, Kernels, MLPWeights, MoEWeights
+from dsv3_rt.core.kernels import (AttentionWeights, ExpertWeights, Kernels, LayerWeights, MLPWeights, ModelWeights, MoEWeights,
+                                  MTPWeights)
 from dsv3_rt.core.parallel import SINGLE, Parallel
 from dsv3_rt.core.weights import Weight
-from dsv3_rt.graph import LayerWeights, ModelWeights, MTPWeights
 
 
 def expected_shapes(cfg: ModelConfig, with_mtp: bool = True) -> dict[str, tuple[int, ...]]:

@@ -43,7 +43,7 @@ from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import (AttentionWeights, Capabilities, ExpertWeights, Kernels, LatentCache, LayerWeights, MLASpec,
-                                  MoEWeights, RouterSpec)
+                                  ModelWeights, MoEWeights, RouterSpec)
 from dsv3_rt.core.weights import Weight, dense
 
 
@@ -56,7 +56,7 @@ class CpuBackend(Kernels):
         weight_formats=("f32", "bf16", "int8_rowwise", "int8_tiles", "int4_tiles", "int4_cpu", "fp8_e4m3fn", "fp8_e4m3fnuz"),
         dtypes=("int8", "int4", "bfloat16", "fp8", "float32"),
         ops=("prepare_weight", "embedding", "rms_norm", "add_rms_norm", "decoder_layers", "mla_block", "moe_block", "linear", "rope", "store_latent",
-             "mla_attention", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "mtp_project", "sample"),
+             "mla_attention", "moe_route", "moe_experts", "dense_mlp", "greedy_tokens", "mtp_project", "greedy_step", "sample"),
         kv_cache_dtypes=("bfloat16", "float32"),
         distributed_backend="gloo",
         features=("mla.absorb", "mla.fused_latent_cache", "moe.grouped_by_expert", ggml_act.FEATURE),
@@ -79,6 +79,8 @@ class CpuBackend(Kernels):
                                             "two independent roundings each within their 4e-2") for dtype in ("int8", "int4")},
         **{f"decoder_layers*:{dtype}": Tolerance(1e-1, 1e-1, "two layers of the blocks above, each within its own tolerance: "
                                                  "the roundings compound through the residual stream") for dtype in ("int8", "int4")},
+        **{f"greedy_step*:{dtype}": Tolerance(2e-1, 2e-1, "a main layer, mtp_project and the MTP module's layer, each rounding "
+                                              "as above, before the stream") for dtype in ("int8", "int4")},
     }
 
     @classmethod
@@ -241,6 +243,13 @@ class CpuBackend(Kernels):
         """A tiled eh_proj (int8, int4): both norms and the product in one C call."""
         fused = None if self.activations == "ggml-cpu" else small_ops.mtp_project(embedded, hidden, enorm, hnorm, eh_proj, eps)
         return super().mtp_project(embedded, hidden, enorm, hnorm, eh_proj, eps) if fused is None else fused
+
+    def greedy_step(self, ids: torch.Tensor, w: ModelWeights, mla: MLASpec, router: RouterSpec, eps: float,
+                    cache: LatentCache, batch: AttnBatch,
+                    draft: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A decode or verify step over tiled weights is one C call (`layers.greedy_step`); the rest composes."""
+        fused = layers.greedy_step(ids, w, mla, router, eps, cache, batch, draft) if self._fuses_blocks else None
+        return super().greedy_step(ids, w, mla, router, eps, cache, batch, draft) if fused is None else fused
 
     def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                uniform: torch.Tensor) -> torch.Tensor:

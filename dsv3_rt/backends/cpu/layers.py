@@ -1,6 +1,7 @@
 """Kernels.decoder_layers for a decode step, an MTP verification or an MTP draft: the whole stack of layers and the
 norm after it in one C call (`native/layers.c`), each block the same C function `attention.mla_block` /
-`moe.moe_block` / the dense MLP would call.
+`moe.moe_block` / the dense MLP would call; Kernels.greedy_step: the embedding, that stack and the head's argmax, and
+the MTP module's draft after them, in one call too.
 
 Between two blocks' calls the interpreter's code and data have left the caches (each block streams megabytes of
 weights), so the Python, torch and ctypes work around a block cost 20-70 us on the bench preset (2026-12-06: ~0.7 ms
@@ -15,8 +16,10 @@ from collections.abc import Sequence
 import torch
 
 from dsv3_rt.backends.cpu import attention, moe, native, small_ops
+from dsv3_rt.backends.cpu.formats import TILED_BITS
 from dsv3_rt.core.batch import AttnBatch
-from dsv3_rt.core.kernels import LatentCache, LayerWeights, MLASpec, MoEWeights, RouterSpec
+from dsv3_rt.core.kernels import LatentCache, LayerWeights, MLASpec, ModelWeights, MoEWeights, RouterSpec
+from dsv3_rt.core.weights import Weight
 
 
 class _LayerArgs(ctypes.Structure):  # native/layers.c's layer_args
@@ -68,6 +71,22 @@ def _stack_args(layers: Sequence[LayerWeights], first: int, spec: MLASpec, route
     return stack
 
 
+def _c_stack(layers: Sequence[LayerWeights], first: int, norm: torch.Tensor, spec: MLASpec, router: RouterSpec,
+             cache: LatentCache, t: int, m: int) -> ctypes.Array | None:
+    """The C stack's per-layer arguments where it runs a step of t rows (m through the FFN blocks) on these layers,
+    a fused fp32 cache and an fp32 norm; None where a block, or its row counts, would not run in C."""
+    if t >= attention.BLOCK_ROWS or m >= moe.C_MLP_ROWS or m > small_ops.ROUTE_TOKENS or not _fp32_vector(norm):
+        return None
+    base = attention.fused_base(cache, first)
+    stack = None if base is None else _stack_args(layers, first, spec, router, cache, base)
+    if stack is None:
+        return None
+    args, fewest_experts = stack
+    if fewest_experts and m * router.top_k > moe.C_EXPERT_ROWS * fewest_experts:  # as moe.moe_block
+        return None
+    return args
+
+
 def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, norm: torch.Tensor, spec: MLASpec,
                    router: RouterSpec, eps: float, cache: LatentCache, batch: AttnBatch,
                    last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -76,20 +95,11 @@ def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, 
     per block and the final add_rms_norm. None otherwise."""
     t = h.shape[0]
     m = len(batch.slots) if last_only else t  # the rows the FFN blocks see
-    if (t >= attention.BLOCK_ROWS or m >= moe.C_MLP_ROWS or m > small_ops.ROUTE_TOKENS or not small_ops.all_fp32(h)
-            or not _fp32_vector(norm)):
+    if not small_ops.all_fp32(h):
         return None
-    base = attention.fused_base(cache, first)
-    if base is None:
-        return None
+    args = _c_stack(layers, first, norm, spec, router, cache, t, m)
     step = attention.step_spans(batch)
-    if step.fresh and not last_only:
-        return None
-    stack = _stack_args(layers, first, spec, router, cache, base)
-    if stack is None:
-        return None
-    args, fewest_experts = stack
-    if fewest_experts and m * router.top_k > moe.C_EXPERT_ROWS * fewest_experts:  # as moe.moe_block
+    if args is None or (step.fresh and not last_only):
         return None
     hc = h.contiguous()
     normed = torch.empty(m, hc.shape[1], dtype=torch.float32)
@@ -98,3 +108,69 @@ def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, 
                                          step.spans, step.count, int(last_only), hc.shape[1], normed.data_ptr(),
                                          stream.data_ptr())
     return normed, stream
+
+
+class _ModelPart(ctypes.Structure):  # native/layers.c's model_part
+    _fields_ = [("embed", ctypes.c_void_p), ("embed_scale", ctypes.c_void_p), ("layers", ctypes.c_void_p),
+                ("n_layers", ctypes.c_long), ("norm", ctypes.c_void_p), ("head", ctypes.c_void_p),
+                ("head_scale", ctypes.c_void_p), ("vocab", ctypes.c_long)]
+
+
+class _StepArgs(ctypes.Structure):  # native/layers.c's step_args
+    _fields_ = [("main", _ModelPart), ("mtp", _ModelPart), ("enorm", ctypes.c_void_p), ("hnorm", ctypes.c_void_p),
+                ("eh_bits", ctypes.c_int), ("eh", ctypes.c_void_p), ("eh_scale", ctypes.c_void_p)]
+
+
+_STEP_KEY = "cpu.step"  # the head's meta key of (main stack args, MTP stack args, step args)
+
+
+def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: Weight) -> _ModelPart | None:
+    """A stack with its int8_rowwise embedding and int8_tiles head; None for other formats."""
+    if embed.format != "int8_rowwise" or embed.scale.dtype != torch.bfloat16 or head.format != "int8_tiles":
+        return None
+    return _ModelPart(embed.data.data_ptr(), embed.scale.data_ptr(), ctypes.addressof(stack), len(stack), norm.data_ptr(),
+                      head.data.data_ptr(), head.scale.data_ptr(), head.shape[0])
+
+
+def greedy_step(ids: torch.Tensor, w: ModelWeights, spec: MLASpec, router: RouterSpec, eps: float, cache: LatentCache,
+                batch: AttnBatch, draft: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """Kernels.greedy_step in one C call (`dsv3_greedy_step`: the C functions of the embedding, `decoder_layers`,
+    `greedy_tokens` and `mtp_project` in the composite's order, so bit-identical to it), where each of them would run
+    in C. None otherwise."""
+    if native.library() is None:
+        return None
+    t = ids.shape[0]
+    main = _c_stack(w.layers, 0, w.norm, spec, router, cache, t, t)
+    step = attention.step_spans(batch)
+    if main is None or step.fresh or ids.dtype != torch.int64:
+        return None
+    mtp = None
+    if draft:
+        m = w.mtp[0]
+        mtp = _c_stack([m.layer], len(w.layers), m.norm, spec, router, cache, t, t)
+        if mtp is None or TILED_BITS.get(m.eh_proj.format) is None or not (_fp32_vector(m.enorm) and _fp32_vector(m.hnorm)):
+            return None
+    got = w.head.meta.get(_STEP_KEY)
+    if got is None or got[0] is not main or got[1] is not mtp:
+        args = _StepArgs()
+        main_part = _model_part(main, w.embed, w.norm, w.head)
+        if main_part is None:
+            return None
+        args.main = main_part
+        if mtp is not None:
+            m = w.mtp[0]
+            mtp_part = _model_part(mtp, m.embed or w.embed, m.norm, m.head or w.head)
+            if mtp_part is None:
+                return None
+            args.mtp = mtp_part
+            args.enorm, args.hnorm, args.eh_bits = m.enorm.data_ptr(), m.hnorm.data_ptr(), TILED_BITS[m.eh_proj.format]
+            args.eh, args.eh_scale = m.eh_proj.data.data_ptr(), native.address(m.eh_proj.scale)
+        got = (main, mtp, args)
+        w.head.meta[_STEP_KEY] = got
+    i = ids.contiguous()
+    d = w.norm.shape[0]
+    tokens, stream = torch.empty(t, dtype=torch.int64), torch.empty(t, d, dtype=torch.float32)
+    drafts = torch.empty(t, dtype=torch.int64) if draft else None
+    native.library().dsv3_greedy_step(ctypes.byref(got[2]), i.data_ptr(), eps, step.positions, t, step.spans, step.count,
+                                      d, tokens.data_ptr(), native.address(drafts), stream.data_ptr())
+    return tokens, drafts, stream if draft else None

@@ -101,6 +101,7 @@ def library() -> ctypes.CDLL | None:
     lib.dsv3_moe_block.argtypes = [vp, vp, vp, vp, f32, vp, long, vp]
     lib.dsv3_decoder_layers.argtypes = [vp, long, vp, vp, f32, vp, long, vp, long, ctypes.c_int, long, vp, vp]
     lib.dsv3_embedding_int8.argtypes = [vp, vp, vp, vp, long, long]
+    lib.dsv3_greedy_step.argtypes = [vp, vp, f32, vp, long, vp, long, long, vp, vp, vp]
     lib.dsv3_mtp_project.argtypes = [ctypes.c_int, vp, vp, vp, vp, f32, vp, vp, vp, long, long]
     lib.dsv3_quantize_int8.argtypes = [ctypes.c_int, vp, vp, vp, long, long, long, long, ctypes.c_int, vp, vp]
     lib.dsv3_quantize_int4_tiles.argtypes = [ctypes.c_int, vp, vp, vp, long, long, long, long, vp]
@@ -108,7 +109,7 @@ def library() -> ctypes.CDLL | None:
         lib.dsv3_int8_tiles_w8a8.argtypes = [vp, vp, vp, vp, long, long, long]
         lib.dsv3_int8_tiles_w8a8.restype = None
     for fn in (lib.dsv3_rms_norm, lib.dsv3_add_rms_norm, lib.dsv3_moe_route, lib.dsv3_mla_absorbed, lib.dsv3_rope,
-               lib.dsv3_embedding_int8, lib.dsv3_mla_block, lib.dsv3_moe_block, lib.dsv3_decoder_layers,
+               lib.dsv3_embedding_int8, lib.dsv3_mla_block, lib.dsv3_moe_block, lib.dsv3_decoder_layers, lib.dsv3_greedy_step,
                lib.dsv3_mtp_project, lib.dsv3_quantize_int8, lib.dsv3_quantize_int4_tiles):
         fn.restype = None
     return lib

@@ -89,6 +89,29 @@ static void stack_rows(const layer_args *layers, long n_layers, mla_call *c, con
         dsv3_add_rms_norm(cur + q0 * d, residual + q0 * d, norm, normed + q0 * d, stream + q0 * d, rows, d, eps);
 }
 
+/* A stack call's buffers: the scratch stack_rows writes (attn, x, attn_stream [t], last, next) and the MLA blocks' shared
+ * call, for t rows (m = count with last_only, else t). */
+typedef struct {
+    float *scratch, *bufs[6];
+    mla_call *c;
+} stack_call;
+
+static stack_call stack_call_new(const layer_args *layers, const int64_t *positions, long t, const long *spans, long count,
+                                 int last_only, long d) {
+    const long m = last_only ? count : t;
+    stack_call s = { malloc((5 * m + t) * d * sizeof(float)), { NULL }, NULL };
+    float *b = s.scratch;
+    float *bufs[6] = { b, b + m * d, b + 2 * m * d, b + (2 * m + t) * d, b + (3 * m + t) * d, b + (4 * m + t) * d };
+    memcpy(s.bufs, bufs, sizeof bufs);
+    s.c = dsv3_mla_call_new(layers[0].mla, positions, t, spans, count, last_only);
+    return s;
+}
+
+static void stack_call_free(stack_call *s) {
+    dsv3_mla_call_free(s->c);
+    free(s->scratch);
+}
+
 /* The stream h [t, d] through the layers (no residual before the first: as Kernels.decoder_layers), then norm [d]
  * after them: normed = rms_norm(stream) and stream, the residual stream after the last layer, [m, d] each: m = t, or
  * with last_only (a single layer, an MTP module's) m = count, each sequence's last token (every token enters the
@@ -97,10 +120,7 @@ void dsv3_decoder_layers(const layer_args *layers, long n_layers, const float *h
                          const int64_t *positions, long t, const long *spans, long count, int last_only, long d,
                          float *normed, float *stream) {
     const long m = last_only ? count : t;
-    float *scratch = malloc((5 * m + t) * d * sizeof(float));
-    float *bufs[6] = { scratch, scratch + m * d, scratch + 2 * m * d, scratch + (2 * m + t) * d,
-                       scratch + (3 * m + t) * d, scratch + (4 * m + t) * d };  /* attn, x, attn_stream [t], last, next */
-    mla_call *c = dsv3_mla_call_new(layers[0].mla, positions, t, spans, count, last_only);
+    stack_call s = stack_call_new(layers, positions, t, spans, count, last_only, d);
     if (split_stack(layers, n_layers, t, d)) {
         #pragma omp parallel
         {
@@ -108,11 +128,135 @@ void dsv3_decoder_layers(const layer_args *layers, long n_layers, const float *h
             long c0, c1, q0, q1;
             dsv3_share(t, id, threads, &c0, &c1);
             dsv3_share(m, id, threads, &q0, &q1);
-            stack_rows(layers, n_layers, c, h, norm, eps, spans, count, last_only, d, bufs, normed, stream, c0, c1, q0, q1);
+            stack_rows(layers, n_layers, s.c, h, norm, eps, spans, count, last_only, d, s.bufs, normed, stream, c0, c1, q0, q1);
         }
     } else {  /* all rows on this thread, each product on the team where it is big enough */
-        stack_rows(layers, n_layers, c, h, norm, eps, spans, count, last_only, d, bufs, normed, stream, 0, t, 0, m);
+        stack_rows(layers, n_layers, s.c, h, norm, eps, spans, count, last_only, d, s.bufs, normed, stream, 0, t, 0, m);
     }
-    dsv3_mla_call_free(c);
-    free(scratch);
+    stack_call_free(&s);
+}
+
+void dsv3_embedding_int8(const int8_t *data, const uint16_t *scale, const int64_t *ids, float *out, long n, long d);
+void dsv3_mtp_project(int bits, const float *e, const float *h, const float *enorm, const float *hnorm, float eps,
+                      const void *data, const void *scale, float *out, long t, long d);
+void dsv3_tiles_argmax(int bits, const float *x, const void *data, const void *scale, int64_t *ids, long m, long n, long k);
+void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k);
+long dsv3_argmax(const float *y, long n);
+
+/* A stack with its embedding (int8_rowwise [vocab, d]: int8 rows, bf16 scales), final norm and head (int8_tiles). */
+typedef struct {
+    const int8_t *embed;
+    const uint16_t *embed_scale;
+    const layer_args *layers;
+    long n_layers;
+    const float *norm;
+    const void *head, *head_scale;
+    long vocab;
+} model_part;
+
+/* Mirrored by `layers._StepArgs`. mtp.layers NULL: no MTP module. */
+typedef struct {
+    model_part main, mtp;
+    const float *enorm, *hnorm;
+    int eh_bits;
+    const void *eh, *eh_scale;
+} step_args;
+
+/* ids [t] = each row's first argmax of x [t, d] @ head.T, every thread of a team calling it once x is written: each
+ * takes its share of the head's 4-row tiles for all rows (the head read once, as in one call's team), then the rows
+ * [r0, r1) of its own pick from the shares' winners in order (an equal value keeps the earlier share's: the first
+ * argmax). value, id [threads, t]: each share's winner per row, shared by the team (id -1: a thread without tiles). */
+static void head_argmax(const model_part *m, const float *x, long t, long d, float *value, int64_t *id, int64_t *ids,
+                        long r0, long r1) {
+    const long me = omp_get_thread_num(), threads = omp_get_num_threads();
+    long b0, b1;
+    dsv3_share(m->vocab / 4, me, threads, &b0, &b1);
+    const long v0 = 4 * b0, n = 4 * (b1 - b0);
+    #pragma omp barrier
+    if (n > 0) {
+        float *y = malloc(t * n * sizeof(float));
+        dsv3_tiles_matmul(8, x, (const int8_t *)m->head + v0 * d, (const uint16_t *)m->head_scale + v0, y, t, n, d);
+        for (long r = 0; r < t; r++) {
+            const long i = dsv3_argmax(y + r * n, n);
+            value[me * t + r] = y[r * n + i], id[me * t + r] = v0 + i;
+        }
+        free(y);
+    }
+    #pragma omp barrier
+    for (long r = r0; r < r1; r++) {
+        long best = -1;
+        for (long j = 0; j < threads; j++)
+            if (id[j * t + r] >= 0 && (best < 0 || value[j * t + r] > value[best * t + r]))
+                best = j;
+        ids[r] = id[best * t + r];
+    }
+}
+
+/* Rows [r0, r1) of a greedy step (see dsv3_greedy_step): one thread's share of a team (value, id: head_argmax's), or
+ * all rows on this thread (id NULL). work: x, normed, y and the MTP module's normed rows, [t, d] each. */
+static void step_rows(const step_args *a, const stack_call *main, const stack_call *mtp, const int64_t *ids, float eps,
+                      long t, const long *spans, long count, long d, float *const *work, float *value, int64_t *id,
+                      int64_t *tokens, int64_t *drafts, float *stream, long r0, long r1) {
+    float *x = work[0], *normed = work[1], *y = work[2], *mtp_normed = work[3];
+    const long rows = r1 - r0;
+    const model_part *m = &a->main;
+    dsv3_embedding_int8(m->embed, m->embed_scale, ids + r0, x + r0 * d, rows, d);
+    stack_rows(m->layers, m->n_layers, main->c, x, m->norm, eps, spans, count, 0, d, main->bufs, normed, stream, r0, r1,
+               r0, r1);
+    if (id)
+        head_argmax(m, normed, t, d, value, id, tokens, r0, r1);
+    else
+        dsv3_tiles_argmax(8, normed, m->head, m->head_scale, tokens, t, m->vocab, d);
+    if (!mtp)
+        return;
+    m = &a->mtp;
+    if (rows > 0) {
+        dsv3_embedding_int8(m->embed, m->embed_scale, tokens + r0, x + r0 * d, rows, d);
+        dsv3_mtp_project(a->eh_bits, x + r0 * d, normed + r0 * d, a->enorm, a->hnorm, eps, a->eh, a->eh_scale, y + r0 * d,
+                         rows, d);
+    }
+    stack_rows(m->layers, m->n_layers, mtp->c, y, m->norm, eps, spans, count, 0, d, mtp->bufs, mtp_normed, stream, r0, r1,
+               r0, r1);
+    if (id)
+        head_argmax(m, mtp_normed, t, d, value, id, drafts, r0, r1);
+    else
+        dsv3_tiles_argmax(8, mtp_normed, m->head, m->head_scale, drafts, t, m->vocab, d);
+}
+
+/* Kernels.greedy_step: ids [t] through the embedding, the main stack and its norm, tokens [t] = each row's first
+ * argmax of the head; with an MTP module, each row's token through its embedding and mtp_project (with the main
+ * model's normed row), its layer over every row and its norm, drafts [t] = the argmax of its head, stream [t, d] = its
+ * layer's output stream (without: the main stack's). The C functions of those ops, each row's sums as in one call per
+ * op (bit-identical to it): a decode step, or an MTP verification and the next draft, returns to the interpreter once.
+ * Where both stacks split their rows between the threads (team.h), each thread takes its rows through the whole step
+ * in one team entry, the heads' vocabulary split between the threads (head_argmax), instead of four team entries (two
+ * stacks, two heads). */
+void dsv3_greedy_step(const step_args *a, const int64_t *ids, float eps, const int64_t *positions, long t,
+                      const long *spans, long count, long d, int64_t *tokens, int64_t *drafts, float *stream) {
+    float *buf = malloc(4 * t * d * sizeof(float));
+    float *work[4] = { buf, buf + t * d, buf + 2 * t * d, buf + 3 * t * d };
+    stack_call main = stack_call_new(a->main.layers, positions, t, spans, count, 0, d), mtp = { 0 };
+    if (a->mtp.layers)
+        mtp = stack_call_new(a->mtp.layers, positions, t, spans, count, 0, d);
+    const stack_call *with_mtp = a->mtp.layers ? &mtp : NULL;
+    if (split_stack(a->main.layers, a->main.n_layers, t, d) && (!with_mtp || split_stack(a->mtp.layers, a->mtp.n_layers, t, d))) {
+        const long threads = omp_get_max_threads();
+        float *value = malloc(threads * t * sizeof(float));
+        int64_t *id = malloc(threads * t * sizeof(int64_t));
+        for (long i = 0; i < threads * t; i++) id[i] = -1;  /* a thread without tiles of the head */
+        #pragma omp parallel
+        {
+            long r0, r1;
+            dsv3_share(t, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+            step_rows(a, &main, with_mtp, ids, eps, t, spans, count, d, work, value, id, tokens, drafts, stream, r0, r1);
+        }
+        free(id);
+        free(value);
+    } else {
+        step_rows(a, &main, with_mtp, ids, eps, t, spans, count, d, work, NULL, NULL, tokens, drafts, stream, 0, t);
+    }
+    if (with_mtp)
+        stack_call_free(&mtp);
+    stack_call_free(&main);
+    free(buf);
 }

@@ -93,7 +93,7 @@ static void run(int bits, product *ps, long count) {
         }
 #endif
     }
-    if (work < DSV3_TEAM_WORK) {  /* see team.h */
+    if (work < DSV3_TEAM_WORK || omp_in_parallel()) {  /* see team.h; inside a team (layers.c's greedy step), on this thread */
         blocks(bits, ps, 0, total);
     } else {
         #pragma omp parallel
@@ -132,7 +132,7 @@ void dsv3_tiles_matmuls(int bits, long count, const float *const *xs, const long
 
 /* The first index of the largest of y[0 .. n), as torch.argmax (NaN aside: it never wins here). Per lane the
  * strict > keeps a lane's first maximum; across lanes the lowest index among the equal maxima wins. */
-static long argmax(const float *y, long n) {
+long dsv3_argmax(const float *y, long n) {
     __m512 best = _mm512_set1_ps(-INFINITY);
     __m512i at = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (long c = 0; c < n; c += 16) {
@@ -151,7 +151,7 @@ static long argmax(const float *y, long n) {
 void dsv3_tiles_argmax(int bits, const float *x, const void *data, const void *scale, int64_t *ids, long m, long n, long k) {
     float *y = malloc(m * n * sizeof(float));
     dsv3_tiles_matmul(bits, x, data, scale, y, m, n, k);
-    for (long r = 0; r < m; r++) ids[r] = argmax(y + r * n, n);
+    for (long r = 0; r < m; r++) ids[r] = dsv3_argmax(y + r * n, n);
     free(y);
 }
 
