@@ -435,10 +435,13 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
         assert moe.moe_block(many, many, lw.ffn_norm, eps, lw.ffn, g.router) is None  # 16 rows compose
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_greedy_step_in_one_call_is_the_composite(threads):
     """A decode step, and an MTP verification with the next draft, is one C call (`dsv3_greedy_step`: the embedding,
     the stack, the head's argmax and the MTP module at every row): the same tokens, drafts, MTP stream and cache, bit
-    for bit, as the reference Kernels.greedy_step composed of this backend's own ops; a fresh prompt composes."""
+    for bit, as the reference Kernels.greedy_step composed of this backend's own ops; a fresh prompt composes. With 2+
+    threads each takes its rows through the step and the heads' vocabulary is split between them; with 3, a 2-row step
+    leaves one thread without rows."""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")
     from dsv3_rt.backends.cpu import layers
