@@ -8,6 +8,8 @@ One engine step with MTP, for a sequence whose last token x_m is not yet in the 
    confirmed, keeping its own latent cache in step with the main one, and its last output drafts d'_1;
 3. k > 1 chains the same module on its own output hidden and draft (as vLLM does); those chained cache
    entries sit past the confirmed length and are overwritten next step, so rollback costs nothing.
+A step whose sequences are all greedy does 1 and 2 as one op (`Kernels.greedy_step`): the module runs at every row,
+fed the main model's greedy token there, which is the token that follows the row wherever the row is confirmed.
 """
 from __future__ import annotations
 

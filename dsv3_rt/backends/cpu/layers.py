@@ -121,7 +121,7 @@ class _StepArgs(ctypes.Structure):  # native/layers.c's step_args
                 ("eh_bits", ctypes.c_int), ("eh", ctypes.c_void_p), ("eh_scale", ctypes.c_void_p)]
 
 
-_STEP_KEY = "cpu.step"  # the head's meta key of (main stack args, MTP stack args, step args)
+_STEP_KEY = "cpu.step"  # with draft, the head's meta key of (main stack args, MTP stack args, step args)
 
 
 def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: Weight) -> _ModelPart | None:
@@ -150,7 +150,7 @@ def greedy_step(ids: torch.Tensor, w: ModelWeights, spec: MLASpec, router: Route
         mtp = _c_stack([m.layer], len(w.layers), m.norm, spec, router, cache, t, t)
         if mtp is None or TILED_BITS.get(m.eh_proj.format) is None or not (_fp32_vector(m.enorm) and _fp32_vector(m.hnorm)):
             return None
-    got = w.head.meta.get(_STEP_KEY)
+    got = w.head.meta.get((_STEP_KEY, draft))
     if got is None or got[0] is not main or got[1] is not mtp:
         args = _StepArgs()
         main_part = _model_part(main, w.embed, w.norm, w.head)
@@ -166,7 +166,7 @@ def greedy_step(ids: torch.Tensor, w: ModelWeights, spec: MLASpec, router: Route
             args.enorm, args.hnorm, args.eh_bits = m.enorm.data_ptr(), m.hnorm.data_ptr(), TILED_BITS[m.eh_proj.format]
             args.eh, args.eh_scale = m.eh_proj.data.data_ptr(), native.address(m.eh_proj.scale)
         got = (main, mtp, args)
-        w.head.meta[_STEP_KEY] = got
+        w.head.meta[(_STEP_KEY, draft)] = got
     i = ids.contiguous()
     d = w.norm.shape[0]
     tokens, stream = torch.empty(t, dtype=torch.int64), torch.empty(t, d, dtype=torch.float32)

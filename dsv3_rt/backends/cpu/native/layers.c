@@ -192,35 +192,35 @@ static void head_argmax(const model_part *m, const float *x, long t, long d, flo
     }
 }
 
-/* Rows [r0, r1) of a greedy step (see dsv3_greedy_step): one thread's share of a team (value, id: head_argmax's), or
- * all rows on this thread (id NULL). work: x, normed, y and the MTP module's normed rows, [t, d] each. */
+/* A part's stack over rows [r0, r1) of h, its norm, and its head's argmax of those rows: shared by the team (value,
+ * id: head_argmax's), or on this thread (id NULL: every row). */
+static void part_rows(const model_part *m, const stack_call *s, const float *h, float eps, long t, const long *spans,
+                      long count, long d, float *normed, float *stream, float *value, int64_t *id, int64_t *ids, long r0,
+                      long r1) {
+    stack_rows(m->layers, m->n_layers, s->c, h, m->norm, eps, spans, count, 0, d, s->bufs, normed, stream, r0, r1, r0, r1);
+    if (id)
+        head_argmax(m, normed, t, d, value, id, ids, r0, r1);
+    else
+        dsv3_tiles_argmax(8, normed, m->head, m->head_scale, ids, t, m->vocab, d);
+}
+
+/* Rows [r0, r1) of a greedy step (see dsv3_greedy_step): one thread's share of a team, or all rows on this thread (id
+ * NULL). work: x, normed, y and the MTP module's normed rows, [t, d] each. */
 static void step_rows(const step_args *a, const stack_call *main, const stack_call *mtp, const int64_t *ids, float eps,
                       long t, const long *spans, long count, long d, float *const *work, float *value, int64_t *id,
                       int64_t *tokens, int64_t *drafts, float *stream, long r0, long r1) {
     float *x = work[0], *normed = work[1], *y = work[2], *mtp_normed = work[3];
     const long rows = r1 - r0;
-    const model_part *m = &a->main;
-    dsv3_embedding_int8(m->embed, m->embed_scale, ids + r0, x + r0 * d, rows, d);
-    stack_rows(m->layers, m->n_layers, main->c, x, m->norm, eps, spans, count, 0, d, main->bufs, normed, stream, r0, r1,
-               r0, r1);
-    if (id)
-        head_argmax(m, normed, t, d, value, id, tokens, r0, r1);
-    else
-        dsv3_tiles_argmax(8, normed, m->head, m->head_scale, tokens, t, m->vocab, d);
+    dsv3_embedding_int8(a->main.embed, a->main.embed_scale, ids + r0, x + r0 * d, rows, d);
+    part_rows(&a->main, main, x, eps, t, spans, count, d, normed, stream, value, id, tokens, r0, r1);
     if (!mtp)
         return;
-    m = &a->mtp;
     if (rows > 0) {
-        dsv3_embedding_int8(m->embed, m->embed_scale, tokens + r0, x + r0 * d, rows, d);
+        dsv3_embedding_int8(a->mtp.embed, a->mtp.embed_scale, tokens + r0, x + r0 * d, rows, d);
         dsv3_mtp_project(a->eh_bits, x + r0 * d, normed + r0 * d, a->enorm, a->hnorm, eps, a->eh, a->eh_scale, y + r0 * d,
                          rows, d);
     }
-    stack_rows(m->layers, m->n_layers, mtp->c, y, m->norm, eps, spans, count, 0, d, mtp->bufs, mtp_normed, stream, r0, r1,
-               r0, r1);
-    if (id)
-        head_argmax(m, mtp_normed, t, d, value, id, drafts, r0, r1);
-    else
-        dsv3_tiles_argmax(8, mtp_normed, m->head, m->head_scale, drafts, t, m->vocab, d);
+    part_rows(&a->mtp, mtp, y, eps, t, spans, count, d, mtp_normed, stream, value, id, drafts, r0, r1);
 }
 
 /* Kernels.greedy_step: ids [t] through the embedding, the main stack and its norm, tokens [t] = each row's first
@@ -239,7 +239,9 @@ void dsv3_greedy_step(const step_args *a, const int64_t *ids, float eps, const i
     if (a->mtp.layers)
         mtp = stack_call_new(a->mtp.layers, positions, t, spans, count, 0, d);
     const stack_call *with_mtp = a->mtp.layers ? &mtp : NULL;
-    if (split_stack(a->main.layers, a->main.n_layers, t, d) && (!with_mtp || split_stack(a->mtp.layers, a->mtp.n_layers, t, d))) {
+    const int split = split_stack(a->main.layers, a->main.n_layers, t, d)
+                      && (!with_mtp || split_stack(a->mtp.layers, a->mtp.n_layers, t, d));
+    if (split) {
         const long threads = omp_get_max_threads();
         float *value = malloc(threads * t * sizeof(float));
         int64_t *id = malloc(threads * t * sizeof(int64_t));
