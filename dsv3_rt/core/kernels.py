@@ -141,6 +141,8 @@ class MTPWeights:
 
 @dataclass
 class ModelWeights:
+    """A whole model as the graph (and `greedy_step`) sees it: embedding, layers, final norm, head, MTP modules."""
+
     embed: Weight  # [V, D] (this rank's vocabulary rows under tp)
     layers: list[LayerWeights]
     norm: torch.Tensor
