@@ -121,7 +121,7 @@ class _StepArgs(ctypes.Structure):  # native/layers.c's step_args
                 ("eh_bits", ctypes.c_int), ("eh", ctypes.c_void_p), ("eh_scale", ctypes.c_void_p)]
 
 
-_STEP_KEY = "cpu.step"  # with draft, the head's meta key of (main stack args, MTP stack args, step args)
+_STEP_KEY = "cpu.step"  # with draft, the head's meta key of (main stack args, MTP stack args, step args or None)
 
 
 def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: Weight) -> _ModelPart | None:
@@ -132,45 +132,52 @@ def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: We
                       head.data.data_ptr(), head.scale.data_ptr(), head.shape[0])
 
 
+def _step_args(w: ModelWeights, main: ctypes.Array, mtp: ctypes.Array | None) -> _StepArgs | None:
+    """The C call's arguments around these stacks (mtp None: no draft), made once per pair of stacks (`_new_step_args`)."""
+    key = (_STEP_KEY, mtp is not None)
+    got = w.head.meta.get(key)
+    if got is None or got[0] is not main or got[1] is not mtp:
+        got = (main, mtp, _new_step_args(w, main, mtp))
+        w.head.meta[key] = got
+    return got[2]
+
+
+def _new_step_args(w: ModelWeights, main: ctypes.Array, mtp: ctypes.Array | None) -> _StepArgs | None:
+    """None where the embedding, a head, eh_proj or the MTP module's norms are not in the formats the call reads."""
+    main_part = _model_part(main, w.embed, w.norm, w.head)
+    if main_part is None:
+        return None
+    args = _StepArgs(main=main_part)
+    if mtp is None:
+        return args
+    m = w.mtp[0]
+    bits = TILED_BITS.get(m.eh_proj.format)
+    if bits is None or not (_fp32_vector(m.enorm) and _fp32_vector(m.hnorm)):
+        return None
+    mtp_part = _model_part(mtp, m.embed or w.embed, m.norm, m.head or w.head)
+    if mtp_part is None:
+        return None
+    args.mtp, args.enorm, args.hnorm, args.eh_bits = mtp_part, m.enorm.data_ptr(), m.hnorm.data_ptr(), bits
+    args.eh, args.eh_scale = m.eh_proj.data.data_ptr(), native.address(m.eh_proj.scale)
+    return args
+
+
 def greedy_step(ids: torch.Tensor, w: ModelWeights, spec: MLASpec, router: RouterSpec, eps: float, cache: LatentCache,
                 batch: AttnBatch, draft: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """Kernels.greedy_step in one C call (`dsv3_greedy_step`: the C functions of the embedding, `decoder_layers`,
     `greedy_tokens` and `mtp_project` in the composite's order, so bit-identical to it), where each of them would run
     in C. None otherwise."""
-    if native.library() is None:
+    if native.library() is None or ids.dtype != torch.int64 or attention.step_spans(batch).fresh:
         return None
     t = ids.shape[0]
     main = _c_stack(w.layers, 0, w.norm, spec, router, cache, t, t)
-    step = attention.step_spans(batch)
-    if main is None or step.fresh or ids.dtype != torch.int64:
+    mtp = _c_stack([w.mtp[0].layer], len(w.layers), w.mtp[0].norm, spec, router, cache, t, t) if draft else None
+    args = None if main is None or (draft and mtp is None) else _step_args(w, main, mtp)
+    if args is None:
         return None
-    mtp = None
-    if draft:
-        m = w.mtp[0]
-        mtp = _c_stack([m.layer], len(w.layers), m.norm, spec, router, cache, t, t)
-        if mtp is None or TILED_BITS.get(m.eh_proj.format) is None or not (_fp32_vector(m.enorm) and _fp32_vector(m.hnorm)):
-            return None
-    got = w.head.meta.get((_STEP_KEY, draft))
-    if got is None or got[0] is not main or got[1] is not mtp:
-        args = _StepArgs()
-        main_part = _model_part(main, w.embed, w.norm, w.head)
-        if main_part is None:
-            return None
-        args.main = main_part
-        if mtp is not None:
-            m = w.mtp[0]
-            mtp_part = _model_part(mtp, m.embed or w.embed, m.norm, m.head or w.head)
-            if mtp_part is None:
-                return None
-            args.mtp = mtp_part
-            args.enorm, args.hnorm, args.eh_bits = m.enorm.data_ptr(), m.hnorm.data_ptr(), TILED_BITS[m.eh_proj.format]
-            args.eh, args.eh_scale = m.eh_proj.data.data_ptr(), native.address(m.eh_proj.scale)
-        got = (main, mtp, args)
-        w.head.meta[(_STEP_KEY, draft)] = got
-    i = ids.contiguous()
-    d = w.norm.shape[0]
+    step, i, d = attention.step_spans(batch), ids.contiguous(), w.norm.shape[0]  # (step_spans: built once a batch)
     tokens, stream = torch.empty(t, dtype=torch.int64), torch.empty(t, d, dtype=torch.float32)
     drafts = torch.empty(t, dtype=torch.int64) if draft else None
-    native.library().dsv3_greedy_step(ctypes.byref(got[2]), i.data_ptr(), eps, step.positions, t, step.spans, step.count,
-                                      d, tokens.data_ptr(), native.address(drafts), stream.data_ptr())
+    native.library().dsv3_greedy_step(ctypes.byref(args), i.data_ptr(), eps, step.positions, t, step.spans, step.count, d,
+                                      tokens.data_ptr(), native.address(drafts), stream.data_ptr())
     return tokens, drafts, stream if draft else None
