@@ -7,7 +7,9 @@ over several runs of decode tokens/s (the prefill step excluded), the speedup ov
 the same run, the draft acceptance rate, mean tokens per main-model step, and whether every output equals
 plain greedy decoding token for token. As many runs again are profiled, the settings interleaved the same way
 (the model step, chained drafts, the engine's own work and, on the cpu backend, the time inside its C kernels), to show
-where the time goes and what k = 1 would gain if nothing but the kernels took time. Targets: >= 1.4x at k = 1 and
+where the time goes and what k = 1 would gain if nothing but the kernels took time. After each run, one greedy step
+is timed in place over 1 token, 2 tokens and 2 tokens with the next draft (`step_costs`): what a k = 1 step adds to a
+plain one, split between verifying a second token and drafting the next with the MTP module. Targets: >= 1.4x at k = 1 and
 acceptance >= 60% on the dtype whose plain decoding is fastest. Writes bench/results/mtp-<date>.json.
 
     python bench/bench_mtp.py            # 64 new tokens, 6 prompts, 5 runs, dtypes float32 bfloat16 int8
@@ -29,6 +31,7 @@ from results_path import write_json
 
 THREADS = 2
 KS = (1, 2, 3)
+STEP_REPS = 30  # of each step shape per run (step_costs)
 TARGET_SPEEDUP, TARGET_ACCEPTANCE = 1.4, 0.60
 PROMPTS = [
     "def parse_args(argv):\n",
@@ -115,6 +118,39 @@ def decode(model, ids: list[int], k: int, n: int, profile: bool = False) -> dict
             "drafted": spec.drafted, "accepted": spec.accepted, "profile": dict(prof.seconds) if prof else None}
 
 
+STEP_SHAPES = {"1 token": (1, False), "2 tokens": (2, False), "2 tokens + draft": (2, True)}
+
+
+def step_costs(model, ids: list[int], reps: int) -> dict[str, float]:  # noqa: ANN001
+    """Median seconds of one greedy step (`graph.greedy_step`) in place, 16 tokens into a decode after `ids`, for each
+    of STEP_SHAPES, `reps` of each interleaved: the main model over 1 token (a plain step), over 2 (a k = 1
+    verification without its draft) and over 2 with the MTP module's next draft (a whole k = 1 step). Their ratios
+    split what a k = 1 step costs over a plain one into the verification (2 threads with a row each, where a plain
+    step's stack keeps one thread busy) and the MTP module, measured at the moment of the run they go with."""
+    import torch
+
+    from dsv3_rt.core.batch import AttnBatch, int64_tensor
+    from dsv3_rt.core.sampling import SamplingParams
+
+    engine = model.engine(max_batch=1, max_len=len(ids) + 20, mtp=1)
+    seq = engine.submit(ids, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    with torch.inference_mode():
+        engine.step()
+        slot = seq.slot
+        while engine.has_work:
+            engine.step()
+        last, start = seq.generated[-1], len(ids) + len(seq.generated) - 1  # rewrites the cache rows after `start`
+        steps = {name: (int64_tensor([last, last][:rows]), AttnBatch.build([slot], [start], [rows]), draft)
+                 for name, (rows, draft) in STEP_SHAPES.items()}
+        seconds: dict[str, list[float]] = defaultdict(list)
+        for _ in range(reps):
+            for name, (step_ids, batch, draft) in steps.items():
+                t0 = time.perf_counter()
+                engine.graph.greedy_step(step_ids, batch, engine.cache, draft=draft)
+                seconds[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in seconds.items()}
+
+
 def _per_token(run: dict, what: str) -> float:
     """A decode's seconds per new token, all of it ("seconds") or inside the C kernels ("kernels")."""
     return (run["seconds"] if what == "seconds" else run["profile"]["kernels"]) / run["decoded"]
@@ -136,6 +172,7 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
     # over seconds, and timing each setting's prompts as one block gave k = 1 anywhere from 1.25x to 1.51x.
     settings_order = (0, *KS)
     seconds: dict[int, list[list[float]]] = defaultdict(list)  # [run][prompt]
+    costs = []  # per run: step_costs after its decodes
     outs: dict[int, list[list[int]]] = defaultdict(list)  # run 0's tokens per prompt
     totals: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for run in range(runs):
@@ -149,6 +186,7 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
                     outs[k].append(r["tokens"])
                 for key in ("drafted", "accepted", "steps", "decoded"):
                     totals[k][key] += r[key]
+        costs.append(step_costs(model, prompts[run % len(prompts)], STEP_REPS))
     rates = {k: [len(per) / sum(per) for per in seconds[k]] for k in settings_order}  # tok/s of each run, all prompts
     settings = {}
     profiled = [[decode(model, p, k, n, profile=True) for k in (0, *KS)] for _ in range(runs) for p in prompts]
@@ -173,7 +211,10 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
             settings[k]["kernel_bound"] = statistics.median(_per_token(row[0], "kernels") / _per_token(row[i], "kernels")
                                                             for row in profiled)
         print(f"  {dtype} k={k}: {settings[k]['tok_s']:.1f} tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
-    return {"backend": backend, "dtype": dtype, "kernels": model.kernels.name, "load_s": load_s, "settings": settings}
+    cost = {name: statistics.median(c[name] for c in costs) for name in STEP_SHAPES}
+    return {"backend": backend, "dtype": dtype, "kernels": model.kernels.name, "load_s": load_s, "settings": settings,
+            "step_costs": {"seconds": cost, "runs": costs, "runs_verify": [c["2 tokens"] / c["1 token"] for c in costs],
+                           "runs_k1": [c["2 tokens + draft"] / c["1 token"] for c in costs]}}
 
 
 def print_dtype(res: dict, n_prompts: int) -> None:
@@ -187,6 +228,10 @@ def print_dtype(res: dict, n_prompts: int) -> None:
         print(f"  {k if k else 'off':>5} {s['tok_s']:8.1f} {s['speedup']:7.2f}x {acc} {s['tokens_per_step']:8.2f} "
               f"{s['identical_prompts']:>9}/{n_prompts:<4}   {'':>13}{ms['step']:6.2f} {ms['model step']:10.2f} "
               f"{ms['chained drafts']:7.2f} {ms['rest']:6.2f} {ms['kernels']:9.2f}")
+    cost = res["step_costs"]["seconds"]
+    one = cost["1 token"]
+    print(f"  one greedy step in place (median over runs): 1 token {1e3 * one:.3f} ms, 2 tokens {cost['2 tokens'] / one:.2f}x "
+          f"that (the verification), 2 tokens + the next draft {cost['2 tokens + draft'] / one:.2f}x (a whole k = 1 step)")
 
 
 def main() -> int:
