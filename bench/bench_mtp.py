@@ -31,7 +31,8 @@ from results_path import write_json
 
 THREADS = 2
 KS = (1, 2, 3)
-STEP_REPS = 30  # of each step shape per run (step_costs)
+STEP_SHAPES = {"1 token": (1, False), "2 tokens": (2, False), "2 tokens + draft": (2, True)}  # rows, draft (step_costs)
+STEP_REPS = 30  # of each step shape per run
 TARGET_SPEEDUP, TARGET_ACCEPTANCE = 1.4, 0.60
 PROMPTS = [
     "def parse_args(argv):\n",
@@ -116,9 +117,6 @@ def decode(model, ids: list[int], k: int, n: int, profile: bool = False) -> dict
     spec = engine.spec
     return {"tokens": list(seq.generated), "decoded": len(seq.generated) - 1, "seconds": seconds, "steps": steps,
             "drafted": spec.drafted, "accepted": spec.accepted, "profile": dict(prof.seconds) if prof else None}
-
-
-STEP_SHAPES = {"1 token": (1, False), "2 tokens": (2, False), "2 tokens + draft": (2, True)}
 
 
 def step_costs(model, ids: list[int], reps: int) -> dict[str, float]:  # noqa: ANN001
@@ -213,8 +211,7 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
         print(f"  {dtype} k={k}: {settings[k]['tok_s']:.1f} tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
     cost = {name: statistics.median(c[name] for c in costs) for name in STEP_SHAPES}
     return {"backend": backend, "dtype": dtype, "kernels": model.kernels.name, "load_s": load_s, "settings": settings,
-            "step_costs": {"seconds": cost, "runs": costs, "runs_verify": [c["2 tokens"] / c["1 token"] for c in costs],
-                           "runs_k1": [c["2 tokens + draft"] / c["1 token"] for c in costs]}}
+            "step_costs": {"seconds": cost, "runs": costs}}
 
 
 def print_dtype(res: dict, n_prompts: int) -> None:

@@ -21,8 +21,7 @@ import torch
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.kernels import (DTYPES, AttentionWeights, ExpertWeights, Kernels, LayerWeights, MLASpec, MLPWeights,
-                                  ModelWeights, MTPWeights,
-                                  MoEWeights, RouterSpec)
+                                  ModelWeights, MoEWeights, MTPWeights, RouterSpec)
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
 from dsv3_rt.core.weights import Weight, dense, fp8_weight, quantize_fp8_block
 

@@ -121,7 +121,7 @@ class _StepArgs(ctypes.Structure):  # native/layers.c's step_args
                 ("eh_bits", ctypes.c_int), ("eh", ctypes.c_void_p), ("eh_scale", ctypes.c_void_p)]
 
 
-_STEP_KEY = "cpu.step"  # with draft, the head's meta key of (main stack args, MTP stack args, step args or None)
+_STEP_KEY = "cpu.step"  # (with the draft flag) the head's meta key of (main stack args, MTP stack args, step args or None)
 
 
 def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: Weight) -> _ModelPart | None:
