@@ -70,7 +70,23 @@ class DeepseekV3:
         if not draft:
             return tokens, None, None
         stream, mtp_normed = self.mtp(0, normed, tokens, batch, cache, every_position=True)
-        return tokens, self.agree(self.greedy(mtp_normed)), stream
+        return tokens, self.agree(self.draft_greedy(mtp_normed)), stream
+
+    def draft_greedy(self, normed: torch.Tensor) -> torch.Tensor:
+        """An MTP module's normed output [N, D] -> its greedy draft per row [N] (over its draft vocabulary, if any)."""
+        m = self.w.mtp[0]
+        if m.draft_ids is None:  # (a draft vocabulary is loaded only where this rank holds the whole head)
+            return self.greedy(normed, m.head)
+        return m.draft_tokens(self.k, normed, self.w.head)
+
+    def draft_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """An MTP module's normed output [N, D] -> its logits [N, V] fp32, -inf outside its draft vocabulary."""
+        m = self.w.mtp[0]
+        if m.draft_ids is None:
+            return self.logits(normed, m.head)
+        out = torch.full((normed.shape[0], self.cfg.vocab_size), float("-inf"), device=normed.device)
+        out[:, m.draft_ids] = self.k.linear(normed, m.draft_head).float()
+        return out
 
     def mtp(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, batch: AttnBatch,
             cache: LatentCache, every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from dsv3_rt.backends.cpu.formats import (fp8_to_dense, quantize_int4, quantize_
                                           untile_int8)
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import ExpertWeights, Kernels, RouterSpec
-from dsv3_rt.core.weights import dense, fp8_weight, quantize_fp8_block
+from dsv3_rt.core.weights import Weight, dense, fp8_weight, quantize_fp8_block
 
 DTYPES = ("float32", "bfloat16", "int8", "int4", "fp8")
 QUANT_STEP = {"int8": 1 / 250, "int4": 1 / 13}  # |dequantised - source| / max|source|, the format's half step
@@ -435,13 +435,48 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
         assert moe.moe_block(many, many, lw.ffn_norm, eps, lw.ffn, g.router) is None  # 16 rows compose
 
 
+def _tied_head(w: Weight, m) -> Weight:  # noqa: ANN001
+    """w with each odd row a copy of the even one before it, so every argmax is a tie that the even token wins, and m
+    drafting from the odd ids: a head arranged for them puts each odd row before its even twin."""
+    from dsv3_rt.backends.cpu.formats import untile_int8
+
+    rows, scale = untile_int8(w.data), w.scale.clone()
+    rows[1::2], scale[1::2] = rows[0::2].clone(), scale[0::2].clone()
+    m.draft_ids = torch.arange(1, w.shape[0], 2)
+    m.draft_head = tile_int8(Weight("int8_rowwise", rows[1::2].contiguous(), (len(m.draft_ids), w.shape[1]),
+                                    scale[1::2].contiguous()))
+    return tile_int8(Weight("int8_rowwise", rows.contiguous(), w.shape, scale))
+
+
+def _tied_across_shares(w: Weight, m, threads: int) -> Weight:  # noqa: ANN001
+    """w with one row v for tokens a.., -v for c..a-1 and 0 below: every logit ties, and whichever sign leads, the
+    tie's lowest token (a or c) sits in a later thread's share of the head arranged for m's draft vocabulary than a
+    larger one of the tie, which the later share's pick must beat (and m's draft head to match)."""
+    from dsv3_rt.backends.cpu.draft_head import arrange_head
+    from dsv3_rt.backends.cpu.formats import untile_int8
+
+    arranged = arrange_head(w, m.draft_ids, threads)
+    n = int(arranged.main[0, 1])
+    first, later = arranged.ids[:n], arranged.ids[n:].sort().values
+    c = int(later[0])
+    a = int(later[(later > first[first > c].min()) & (later < first.max())].min())
+    rows = untile_int8(w.data).clone()
+    rows[a:], rows[c:a], rows[:c] = rows[a], -rows[a], 0
+    scale = torch.full_like(w.scale, float(w.scale[a]))
+    m.draft_head = tile_int8(Weight("int8_rowwise", rows[m.draft_ids].contiguous(), (len(m.draft_ids), w.shape[1]),
+                                    scale[m.draft_ids].contiguous()))
+    return tile_int8(Weight("int8_rowwise", rows.contiguous(), w.shape, scale))
+
+
+@pytest.mark.parametrize("head", ["draft vocabulary", "whole vocabulary", "tied rows", "tied across shares"])
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
-def test_greedy_step_in_one_call_is_the_composite(threads):
+def test_greedy_step_in_one_call_is_the_composite(threads, head):
     """A decode step, and an MTP verification with the next draft, is one C call (`dsv3_greedy_step`: the embedding,
     the stack, the head's argmax and the MTP module at every row): the same tokens, drafts, MTP stream and cache, bit
     for bit, as the reference Kernels.greedy_step composed of this backend's own ops; a fresh prompt composes. With 2+
     threads each takes its rows through the step and the heads' vocabulary is split between them; with 3, a 2-row step
-    leaves one thread without rows."""
+    leaves one thread without rows. The default model drafts over its draft vocabulary, from a head arranged for it
+    (`draft_head.py`), or over the whole vocabulary; with tied rows every argmax is a tie, which the lower token wins."""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")
     from dsv3_rt.backends.cpu import layers
@@ -449,6 +484,16 @@ def test_greedy_step_in_one_call_is_the_composite(threads):
 
     model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype="int8", progress=False)
     g, k = model.graph, model.kernels
+    m = g.w.mtp[0]
+    assert m.draft_ids is not None  # the shipped draft vocabulary
+    if head == "whole vocabulary":
+        m.draft_ids = m.draft_head = None
+    elif head == "tied rows":
+        g.w.head = _tied_head(g.w.head, m)
+    elif head == "tied across shares":
+        if threads == 1:
+            pytest.skip("one thread scores the whole head: no shares to tie across")
+        g.w.head = _tied_across_shares(g.w.head, m, threads)
     prompt = AttnBatch.build([0, 1], [0, 0], [10, 6])
     steps = [(AttnBatch.build([0, 1], [10, 6], [1, 1]), True), (AttnBatch.build([0, 1], [11, 7], [2, 3]), True),
              (AttnBatch.build([1], [10], [1]), False), (AttnBatch.build([0], [13], [2]), True)]
@@ -468,6 +513,13 @@ def test_greedy_step_in_one_call_is_the_composite(threads):
         k.__dict__.pop("greedy_step", None)
     for got, want in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
         assert torch.equal(got, want)
+    assert bool(g.w.head.meta.get(layers._ARRANGED_KEY)) == (head != "whole vocabulary")  # the arranged head served
+    outs = runs[0][0]  # per step (tokens, drafts, stream), the third step's tokens alone
+    tokens, drafts = [outs[i] for i in (0, 3, 6, 7)], [outs[i] for i in (1, 4, 8)]
+    if head == "tied rows":  # every token the lower of its pair
+        assert all(bool((t % 2 == 0).all()) for t in tokens)
+    if m.draft_ids is not None:
+        assert all(bool(torch.isin(d, m.draft_ids).all()) for d in drafts)
     w, args = g.w, (g.mla, g.router, model.config.rms_norm_eps, g.new_cache(2, 32))
     assert layers.greedy_step(ids[:2], w, *args, steps[0][0], True) is not None  # the C call ran
     assert layers.greedy_step(ids[:16], w, *args, prompt, True) is None  # a fresh prompt composes

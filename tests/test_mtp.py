@@ -125,13 +125,47 @@ def test_verify_first_token_follows_the_target():
     assert (counts / n - p[0]).abs().max() < 0.015
 
 
-def test_sampled_distribution_matches_plain_sampling():
-    """Engine level, vocabulary of 6: the joint distribution of the first two sampled tokens is the same
-    with MTP (k = 2, random untrained module, so many rejections) as without it (chi-square, fixed seeds)."""
-    cfg = ModelConfig.from_preset("tiny").replace(vocab_size=6, eos_token_id=(99,))
+def _random_graph(cfg: ModelConfig, draft_ids: torch.Tensor | None = None, seed: int = 3) -> DeepseekV3:
     kernels = Kernels()
-    weights = WeightBuilder(cfg, RandomSource(expected_shapes(cfg), seed=3, std=0.25), kernels).build(progress=False)
-    graph = DeepseekV3(cfg, kernels, weights)
+    src = RandomSource(expected_shapes(cfg), seed=seed, std=0.25)
+    return DeepseekV3(cfg, kernels, WeightBuilder(cfg, src, kernels, draft_ids=draft_ids).build(progress=False))
+
+
+def _recording_drafts(monkeypatch) -> list[int]:  # noqa: ANN001
+    """Every draft the engine picks from now on."""
+    drafts: list[int] = []
+    pick = Engine._pick_drafts
+
+    def recorded(self, group, normed):  # noqa: ANN001, ANN202
+        pick(self, group, normed)
+        drafts.extend(s.drafts[-1] for s in group)
+
+    monkeypatch.setattr(Engine, "_pick_drafts", recorded)
+    return drafts
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_output_is_unchanged_with_a_draft_vocabulary(k, monkeypatch):
+    """Drafts only from the draft vocabulary (MTPWeights.draft_ids); the output is plain greedy decoding's."""
+    cfg = ModelConfig.from_preset("tiny")
+    draft_ids = torch.arange(0, cfg.vocab_size, 3)
+    graph = _random_graph(cfg, draft_ids)
+    assert torch.equal(graph.w.mtp[0].draft_head.dequantize(), graph.w.head.dequantize()[draft_ids])
+    drafts = _recording_drafts(monkeypatch)
+    for p in PROMPTS[::2]:
+        plain = Engine(graph, max_batch=1, max_len=24).generate([p], SamplingParams(max_new_tokens=8))
+        assert Engine(graph, max_batch=1, max_len=24, mtp=k).generate([p], SamplingParams(max_new_tokens=8)) == plain
+    assert drafts and set(drafts) <= set(draft_ids.tolist())
+
+
+@pytest.mark.parametrize("draft_ids", [None, [1, 3, 4]], ids=["whole vocabulary", "draft vocabulary"])
+def test_sampled_distribution_matches_plain_sampling(draft_ids, monkeypatch):
+    """Engine level, vocabulary of 6: the joint distribution of the first two sampled tokens is the same
+    with MTP (k = 2, random untrained module, so many rejections) as without it (chi-square, fixed seeds), also where
+    the drafts come from half the vocabulary (their distribution is zero elsewhere)."""
+    cfg = ModelConfig.from_preset("tiny").replace(vocab_size=6, eos_token_id=(99,))
+    graph = _random_graph(cfg, None if draft_ids is None else torch.tensor(draft_ids))
+    drafts = _recording_drafts(monkeypatch)
     n = 600
 
     def joint(mtp: int) -> torch.Tensor:
@@ -144,6 +178,7 @@ def test_sampled_distribution_matches_plain_sampling():
         return counts
 
     a, b = joint(0), joint(2)
+    assert set(drafts) <= set(draft_ids or range(6)) and len(set(drafts)) > 1
     used = (a + b) > 0
     chi2 = (((a - b) ** 2) / (a + b).clamp(min=1))[used].sum().item()
     dof = int(used.sum()) - 1
@@ -159,3 +194,25 @@ def test_token_slice_is_a_slice_of_prompt_and_generated():
         assert seq.token_slice(start) == seq.tokens[start:]
         for stop in range(start, 6):
             assert seq.token_slice(start, stop) == seq.tokens[start:stop]
+
+
+def test_a_checkpoint_brings_its_draft_vocabulary(tmp_path):
+    """A checkpoint directory's draft_vocab.json sets the MTP module's draft ids and head rows; a malformed one is a
+    CheckpointError naming the file."""
+    from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
+    from dsv3_rt.core.draft_vocab import DRAFT_VOCAB_FILE
+    from dsv3_rt.core.errors import CheckpointError
+
+    for f in DEFAULT_MODEL_DIR.iterdir():
+        if f.name != DRAFT_VOCAB_FILE:
+            (tmp_path / f.name).symlink_to(f)
+    model = dsv3_rt.load(str(tmp_path), backend="reference", dtype="float32", progress=False)
+    assert model.graph.w.mtp[0].draft_ids is None
+    (tmp_path / DRAFT_VOCAB_FILE).write_text('{"ids": [2, 7, 4095]}')
+    m = dsv3_rt.load(str(tmp_path), backend="reference", dtype="float32", progress=False).graph.w
+    assert m.mtp[0].draft_ids.tolist() == [2, 7, 4095]
+    assert torch.equal(m.mtp[0].draft_head.dequantize(), m.head.dequantize()[[2, 7, 4095]])
+    for bad in ('{"ids": [7, 2]}', '{"ids": [1, 4096]}', '{"ids": []}', '[1, 2]', "not json"):
+        (tmp_path / DRAFT_VOCAB_FILE).write_text(bad)
+        with pytest.raises(CheckpointError, match=DRAFT_VOCAB_FILE):
+            dsv3_rt.load(str(tmp_path), backend="reference", dtype="float32", progress=False)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Callable
 
 import torch
 
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.config import ModelConfig
+from dsv3_rt.core.draft_vocab import draft_rows
 from dsv3_rt.core.kernels import (DTYPES, AttentionWeights, ExpertWeights, Kernels, LayerWeights, MLASpec, MLPWeights,
                                   ModelWeights, MoEWeights, MTPWeights, RouterSpec)
 from dsv3_rt.core.rope import rope_attention_factor, rope_inv_freq
@@ -558,21 +559,24 @@ for _v, _args in (("one_row", (1,)), ("verify_2", (2,)), ("prompt_200", (200, 12
 _GREEDY_STEPS = [([0, 1], [0, 0], [9, 4]), ([0, 1], [9, 4], [1, 1]), ([0, 1], [10, 5], [2, 3])]  # prompts, decode, verify
 
 
-def _greedy_step_inputs(g: torch.Generator, dtype: str) -> dict[str, Any]:
+def _greedy_step_inputs(g: torch.Generator, dtype: str, draft_vocabulary: bool = False) -> dict[str, Any]:
     """A one-MoE-layer model (the decoder_layers case's layer, a 64-token vocabulary) with an MTP module whose layer is
     dense (a router fed the main layer's rounding would flip near-tied experts between backends), and each step's
-    token ids."""
+    token ids; draft_vocabulary: the module drafts from 37 of the 64 ids (MTPWeights.draft_ids)."""
     a: dict[str, Any] = {"batches": [AttnBatch.build(*step) for step in _GREEDY_STEPS]}
     for p in ("main.", "mtp."):
         a.update(_attention_inputs(g, dtype, 64, p))
         a.update(_moe_inputs(g, dtype, 0, 12, True, p) if p == "main." else _mlp_inputs(g, dtype, 128, 128, p))
         a[p + "ffn_norm"], a[p + "final_norm"] = Vec(1 + 0.1 * randn(g, 128)), Vec(1 + 0.1 * randn(g, 128))
-    a.update({"embed": W(checkpoint_weight(g, dtype, 64, 128), "embedding"),
-              "head": W(checkpoint_weight(g, dtype, 64, 128), "head"),
+    embed, head = checkpoint_weight(g, dtype, 64, 128), checkpoint_weight(g, dtype, 64, 128)
+    a.update({"embed": W(embed, "embedding"), "head": W(head, "head"),
               "enorm": Vec(1 + 0.1 * randn(g, 128)), "hnorm": Vec(1 + 0.1 * randn(g, 128)),
               "eh_proj": W(checkpoint_weight(g, dtype, 128, 256), "linear")})
     for i, (_, _, lengths) in enumerate(_GREEDY_STEPS):
         a[f"ids{i}"] = torch.randint(0, 64, (sum(lengths),), generator=g)
+    if draft_vocabulary:
+        a["draft_ids"] = torch.randperm(64, generator=g)[:37].sort().values
+        a["draft_head"] = W(draft_rows(head, a["draft_ids"]), "head")
     return a
 
 
@@ -583,7 +587,8 @@ def _greedy_setup(k: Kernels, a: dict[str, Any]) -> tuple[ModelWeights, MLASpec,
         return LayerWeights(a[p + "norm"], _attention_weights(a, p), a[p + "ffn_norm"], ffn)
 
     w = ModelWeights(a["embed"], [layer("main.")], a["main.final_norm"], a["head"],
-                     [MTPWeights(a["enorm"], a["hnorm"], a["eh_proj"], layer("mtp."), a["mtp.final_norm"])])
+                     [MTPWeights(a["enorm"], a["hnorm"], a["eh_proj"], layer("mtp."), a["mtp.final_norm"],
+                                 draft_ids=a.get("draft_ids"), draft_head=a.get("draft_head"))])
     spec, b = _block_spec(k), a["batches"][0]
     cache = k.new_latent_cache(2, 2, 32, spec.r, spec.dr)
     batch = AttnBatch.build(b.slots, b.starts, b.lengths, device=k.device)
@@ -612,13 +617,18 @@ def greedy_step_replay(ref: Kernels, a: dict[str, Any], tokens: list[torch.Tenso
         normed = ref.decoder_layers(h, w.layers, 0, w.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)[0]
         x = ref.mtp_project(ref.embedding(tokens[i - 1].cpu().long(), w.embed), normed, m.enorm, m.hnorm, m.eh_proj, 1e-6)
         mtp_normed, stream = ref.decoder_layers(x, [m.layer], 1, m.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)
-        out += [ref.linear(normed, w.head).float(), ref.linear(mtp_normed, w.head).float(), stream]
+        drafted = ref.linear(mtp_normed, w.head).float()
+        if m.draft_ids is not None:  # the drafts' logits: -inf outside the draft vocabulary
+            drafted = torch.full_like(drafted, float("-inf")).index_copy(1, m.draft_ids, ref.linear(mtp_normed, m.draft_head).float())
+        out += [ref.linear(normed, w.head).float(), drafted, stream]
     return out
 
 
 CALLS["greedy_step"] = _call_greedy_step
 case("greedy_step", "decode_verify_draft",
      "one MoE layer + MTP (dense), D=128,V=64: prompts 9 + 4 | decode 1 + 1 | verify 2 + 3", DTYPES, check="greedy_step")(_greedy_step_inputs)
+case("greedy_step", "draft_vocabulary",
+     "the same, the MTP module drafting from 37 of the 64 ids", DTYPES, check="greedy_step")(partial(_greedy_step_inputs, draft_vocabulary=True))
 
 
 # --- sampling ----------------------------------------------------------------------------------------------

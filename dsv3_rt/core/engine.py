@@ -249,10 +249,10 @@ class Engine:
         """Append one draft per sequence from the MTP module's output rows `normed` (its shared head's input): the
         argmax, or for a sampled sequence a draw, whose distribution verification needs."""
         if all(_greedy(s) for s in group):  # greedy verification needs the drafts only, not their distributions
-            for s, d in zip(group, self.graph.agree_lists([[t] for t in self.graph.greedy(normed).tolist()])):
+            for s, d in zip(group, self.graph.agree_lists([[t] for t in self.graph.draft_greedy(normed).tolist()])):
                 s.drafts.append(d[0])
             return
-        probs = self.graph.k.sampling_probs(self.graph.logits(normed), *self._params(group, self.graph.k.device))
+        probs = self.graph.k.sampling_probs(self.graph.draft_logits(normed), *self._params(group, self.graph.k.device))
         drafts = self.graph.agree_lists([[draw(probs[j], s.generator)] for j, s in enumerate(group)])
         for j, s in enumerate(group):
             s.drafts.append(drafts[j][0])

@@ -137,6 +137,15 @@ class MTPWeights:
     norm: torch.Tensor  # shared_head.norm
     head: Weight | None = None  # None: the main model's head
     embed: Weight | None = None  # None: the main model's embedding
+    draft_ids: torch.Tensor | None = None  # [N] int64 ascending: the ids its drafts come from (None: every id)
+    draft_head: Weight | None = None  # [N, D]: the head's rows at draft_ids
+
+    def draft_tokens(self, k: Kernels, normed: torch.Tensor, head: Weight) -> torch.Tensor:
+        """normed [N, D] -> each row's draft [N] int64: the first argmax of its head (`head`: the main model's where it
+        has none of its own) over the draft ids, or over every id without a draft vocabulary."""
+        if self.draft_ids is None:
+            return k.greedy_tokens(normed, self.head or head)
+        return self.draft_ids[k.greedy_tokens(normed, self.draft_head)]
 
 
 @dataclass
@@ -526,7 +535,7 @@ class Kernels:
         model picks there (the token that follows the row wherever the row is confirmed):
           x = mtp_project(embedding(tokens, m.embed or w.embed), normed, m.enorm, m.hnorm, m.eh_proj)
           mtp_normed, stream = decoder_layers(x, [m.layer], len(w.layers), m.norm, ..)
-          drafts = greedy_tokens(mtp_normed, m.head or w.head)
+          drafts = greedy_tokens(mtp_normed, m.head or w.head)   (with a draft vocabulary: m.draft_ids[greedy_tokens(mtp_normed, m.draft_head)])
         Decoding verifies the drafts with `tokens` and drafts on from the last confirmed row. A backend overrides it to
         make such a step one call."""
         normed = self.decoder_layers(self.embedding(ids, w.embed), w.layers, 0, w.norm, mla, router, eps, cache, batch)[0]
@@ -536,7 +545,7 @@ class Kernels:
         m = w.mtp[0]
         x = self.mtp_project(self.embedding(tokens, m.embed or w.embed), normed, m.enorm, m.hnorm, m.eh_proj, eps)
         mtp_normed, stream = self.decoder_layers(x, [m.layer], len(w.layers), m.norm, mla, router, eps, cache, batch)
-        return tokens, self.greedy_tokens(mtp_normed, m.head or w.head), stream
+        return tokens, m.draft_tokens(self, mtp_normed, w.head), stream
 
     def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """The distribution a token is drawn from, per row. logits [B, V] fp32 -> probs [B, V] fp32.

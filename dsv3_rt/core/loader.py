@@ -11,6 +11,7 @@ from tqdm import tqdm
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.checkpoint import Range, TensorSource
 from dsv3_rt.core.config import ModelConfig
+from dsv3_rt.core.draft_vocab import draft_rows
 from dsv3_rt.core.errors import CheckpointError
 from dsv3_rt.core.kernels import (AttentionWeights, ExpertWeights, Kernels, LayerWeights, MLPWeights, ModelWeights, MoEWeights,
                                   MTPWeights)
@@ -80,9 +81,14 @@ def expected_shapes(cfg: ModelConfig, with_mtp: bool = True) -> dict[str, tuple[
 class WeightBuilder:
     """Reads, checks, slices and prepares the weights of one model for one rank."""
 
-    def __init__(self, cfg: ModelConfig, src: TensorSource, kernels: Kernels, parallel: Parallel = SINGLE) -> None:
+    def __init__(self, cfg: ModelConfig, src: TensorSource, kernels: Kernels, parallel: Parallel = SINGLE,
+                 draft_ids: torch.Tensor | None = None) -> None:
+        """draft_ids: the MTP modules' draft vocabulary (dsv3_rt.core.draft_vocab), used where this rank holds the
+        whole head (no tp)."""
         self.cfg, self.src, self.k, self.par = cfg, src, kernels, parallel
         self.shapes = expected_shapes(cfg)
+        self.draft_ids = draft_ids if parallel.tp_size == 1 else None
+        self._draft_head: Weight | None = None
 
     # --- primitives -----------------------------------------------------------------------------------------
     def _check(self, name: str, got: tuple[int, ...], rows: Range | None, cols: Range | None) -> None:
@@ -211,7 +217,21 @@ class WeightBuilder:
             norm=self.vector(f"{p}.shared_head.norm.weight"),
             head=self.matrix(f"{p}.shared_head.head.weight", "head", rows=self.vocab_rows()) if own("shared_head.head.weight") else None,
             embed=self.matrix(f"{p}.embed_tokens.weight", "embedding", rows=self.vocab_rows()) if own("embed_tokens.weight") else None,
+            draft_ids=None if self.draft_ids is None else self.k.prepare_tensor(self.draft_ids),
+            draft_head=None if self.draft_ids is None else self.draft_head(f"{p}.shared_head.head.weight" if own("shared_head.head.weight") else self.head_name()),
         )
+
+    def head_name(self) -> str:
+        cfg = self.cfg
+        return "model.embed_tokens.weight" if cfg.tie_word_embeddings and not self.src.has("lm_head.weight") else "lm_head.weight"
+
+    def draft_head(self, name: str) -> Weight:
+        """The rows of head `name` at the draft ids, prepared as a head (made once: the modules share the head)."""
+        if self._draft_head is None:
+            w = self.src.weight(name)
+            self._check(name, w.shape, None, None)
+            self._draft_head = self.prepare(draft_rows(w, self.draft_ids), "head")
+        return self._draft_head
 
     def has_mtp(self) -> bool:
         cfg = self.cfg
@@ -229,8 +249,7 @@ class WeightBuilder:
             for i in range(cfg.num_hidden_layers):
                 layers.append(self.layer(i))
                 steps.update()
-            head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings and not self.src.has("lm_head.weight") else "lm_head.weight"
-            head = self.matrix(head_name, "head", rows=self.vocab_rows())
+            head = self.matrix(self.head_name(), "head", rows=self.vocab_rows())
             norm = self.vector("model.norm.weight")
             steps.update()
             mtp = []

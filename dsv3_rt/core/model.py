@@ -10,6 +10,7 @@ import torch
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.checkpoint import RandomSource, SafetensorsSource, TensorSource
 from dsv3_rt.core.config import ModelConfig, list_presets
+from dsv3_rt.core.draft_vocab import read_draft_vocab
 from dsv3_rt.core.engine import Engine
 from dsv3_rt.core.errors import CheckpointError
 from dsv3_rt.core.kernels import Kernels
@@ -112,6 +113,7 @@ def load_checkpoint(ckpt: Checkpoint, backend: str | None = None, dtype: str | N
     prefer = getattr(ckpt.source, "prefer", None)  # a pre-sharded source reads this rank's file first
     if prefer:
         prefer(parallel)
-    weights = WeightBuilder(ckpt.config, ckpt.source, kernels, parallel).build(progress=progress)
+    draft_ids = read_draft_vocab(ckpt.path, ckpt.config.vocab_size)
+    weights = WeightBuilder(ckpt.config, ckpt.source, kernels, parallel, draft_ids).build(progress=progress)
     parallel.barrier()  # ranks finish loading at different times; compute groups have short timeouts
     return Model(ckpt, kernels, DeepseekV3(ckpt.config, kernels, weights, parallel))

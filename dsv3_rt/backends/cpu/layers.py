@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from dsv3_rt.backends.cpu import attention, moe, native, small_ops
+from dsv3_rt.backends.cpu.draft_head import ARRANGE_MAX_BYTES, ArrangedHead, arrange_head
 from dsv3_rt.backends.cpu.formats import TILED_BITS
 from dsv3_rt.core.batch import AttnBatch
 from dsv3_rt.core.kernels import LatentCache, LayerWeights, MLASpec, ModelWeights, MoEWeights, RouterSpec
@@ -113,7 +114,8 @@ def decoder_layers(h: torch.Tensor, layers: Sequence[LayerWeights], first: int, 
 class _ModelPart(ctypes.Structure):  # native/layers.c's model_part
     _fields_ = [("embed", ctypes.c_void_p), ("embed_scale", ctypes.c_void_p), ("layers", ctypes.c_void_p),
                 ("n_layers", ctypes.c_long), ("norm", ctypes.c_void_p), ("head", ctypes.c_void_p),
-                ("head_scale", ctypes.c_void_p), ("vocab", ctypes.c_long)]
+                ("head_scale", ctypes.c_void_p), ("vocab", ctypes.c_long), ("head_ids", ctypes.c_void_p),
+                ("segments", ctypes.c_void_p), ("n_segments", ctypes.c_long)]
 
 
 class _StepArgs(ctypes.Structure):  # native/layers.c's step_args
@@ -121,45 +123,75 @@ class _StepArgs(ctypes.Structure):  # native/layers.c's step_args
                 ("eh_bits", ctypes.c_int), ("eh", ctypes.c_void_p), ("eh_scale", ctypes.c_void_p)]
 
 
-_STEP_KEY = "cpu.step"  # (with the draft flag) the head's meta key of (main stack args, MTP stack args, step args or None)
+_STEP_KEY = "cpu.step"  # (with the draft flag) the head's meta key of (main stack args, MTP stack args, threads, step args and what they point into)
 
 
-def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: Weight) -> _ModelPart | None:
-    """A stack with its int8_rowwise embedding and int8_tiles head; None for other formats."""
+def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: Weight, head_ids: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> _ModelPart | None:
+    """A stack with its int8_rowwise embedding and int8_tiles head (head_ids: each row's token; segments: the rows
+    its argmax scores, see native/layers.c); None for other formats."""
     if embed.format != "int8_rowwise" or embed.scale.dtype != torch.bfloat16 or head.format != "int8_tiles":
         return None
     return _ModelPart(embed.data.data_ptr(), embed.scale.data_ptr(), ctypes.addressof(stack), len(stack), norm.data_ptr(),
-                      head.data.data_ptr(), head.scale.data_ptr(), head.shape[0])
+                      head.data.data_ptr(), head.scale.data_ptr(), head.shape[0], native.address(head_ids),
+                      native.address(segments), 0 if segments is None else len(segments))
 
 
 def _step_args(w: ModelWeights, main: ctypes.Array, mtp: ctypes.Array | None) -> _StepArgs | None:
-    """The C call's arguments around these stacks (mtp None: no draft), made once per pair of stacks (`_new_step_args`)."""
-    key = (_STEP_KEY, mtp is not None)
+    """The C call's arguments around these stacks (mtp None: no draft), made once per pair of stacks and thread count
+    (`_new_step_args`)."""
+    key, threads = (_STEP_KEY, mtp is not None), torch.get_num_threads()
     got = w.head.meta.get(key)
-    if got is None or got[0] is not main or got[1] is not mtp:
-        got = (main, mtp, _new_step_args(w, main, mtp))
+    if got is None or got[0] is not main or got[1] is not mtp or got[2] != threads:
+        got = (main, mtp, threads, *_new_step_args(w, main, mtp, threads))
         w.head.meta[key] = got
-    return got[2]
+    return got[3]
 
 
-def _new_step_args(w: ModelWeights, main: ctypes.Array, mtp: ctypes.Array | None) -> _StepArgs | None:
-    """None where the embedding, a head, eh_proj or the MTP module's norms are not in the formats the call reads."""
-    main_part = _model_part(main, w.embed, w.norm, w.head)
+_ARRANGED_KEY = "cpu.arranged"  # the head's meta key of {threads: (draft ids, their arranged head)}
+
+
+def _arranged_head(head: Weight, draft_ids: torch.Tensor, threads: int) -> ArrangedHead:
+    """`arrange_head`, made once per draft vocabulary and thread count (a new cache makes new step arguments)."""
+    made = head.meta.setdefault(_ARRANGED_KEY, {})
+    if threads not in made or made[threads][0] is not draft_ids:
+        made[threads] = (draft_ids, arrange_head(head, draft_ids, threads))
+    return made[threads][1]
+
+
+def _new_step_args(w: ModelWeights, main: ctypes.Array, mtp: ctypes.Array | None,
+                   threads: int) -> tuple[_StepArgs | None, ArrangedHead | None]:
+    """(None where the embedding, a head, eh_proj or the MTP module's norms are not in the formats the call reads; the
+    arranged head the arguments point into, if any). With a draft vocabulary, both heads read a head arranged for it
+    (`draft_head`) where the module shares the main model's, else the draft head takes the draft vocabulary's rows."""
+    m = w.mtp[0] if mtp is not None else None
+    arranged = None
+    if (m is not None and m.draft_ids is not None and m.head is None and w.head.format == "int8_tiles"
+            and w.head.nbytes <= ARRANGE_MAX_BYTES):
+        arranged = _arranged_head(w.head, m.draft_ids, threads)
+        main_part = _model_part(main, w.embed, w.norm, arranged.weight, arranged.ids, arranged.main)
+    else:
+        main_part = _model_part(main, w.embed, w.norm, w.head)
     if main_part is None:
-        return None
+        return None, None
     args = _StepArgs(main=main_part)
-    if mtp is None:
-        return args
-    m = w.mtp[0]
+    if m is None:
+        return args, None
     bits = TILED_BITS.get(m.eh_proj.format)
     if bits is None or not (_fp32_vector(m.enorm) and _fp32_vector(m.hnorm)):
-        return None
-    mtp_part = _model_part(mtp, m.embed or w.embed, m.norm, m.head or w.head)
+        return None, None
+    embed = m.embed or w.embed
+    if arranged is not None:
+        mtp_part = _model_part(mtp, embed, m.norm, arranged.weight, arranged.ids, arranged.draft)
+    elif m.draft_ids is not None:
+        mtp_part = _model_part(mtp, embed, m.norm, m.draft_head, m.draft_ids)
+    else:
+        mtp_part = _model_part(mtp, embed, m.norm, m.head or w.head)
     if mtp_part is None:
-        return None
+        return None, None
     args.mtp, args.enorm, args.hnorm, args.eh_bits = mtp_part, m.enorm.data_ptr(), m.hnorm.data_ptr(), bits
     args.eh, args.eh_scale = m.eh_proj.data.data_ptr(), native.address(m.eh_proj.scale)
-    return args
+    return args, arranged
 
 
 def greedy_step(ids: torch.Tensor, w: ModelWeights, spec: MLASpec, router: RouterSpec, eps: float, cache: LatentCache,

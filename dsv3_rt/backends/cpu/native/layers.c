@@ -143,7 +143,11 @@ void dsv3_tiles_argmax(int bits, const float *x, const void *data, const void *s
 void dsv3_tiles_matmul(int bits, const float *x, const void *data, const void *scale, float *y, long m, long n, long k);
 long dsv3_argmax(const float *y, long n);
 
-/* A stack with its embedding (int8_rowwise [vocab, d]: int8 rows, bf16 scales), final norm and head (int8_tiles). */
+/* A stack with its embedding (int8_rowwise [vocab, d]: int8 rows, bf16 scales), final norm and head (int8_tiles,
+ * `vocab` rows). head_ids: each head row's token (NULL: row i is token i). segments: the rows a head's argmax scores,
+ * n_segments (first row, rows) pairs shared out between the threads in order (NULL: every row, the 4-row tiles shared
+ * evenly). A draft vocabulary makes both: a head whose rows are arranged so that each thread's share of the main head
+ * begins with its share of the draft rows, which the draft then scores while the main head has left them in cache. */
 typedef struct {
     const int8_t *embed;
     const uint16_t *embed_scale;
@@ -152,6 +156,9 @@ typedef struct {
     const float *norm;
     const void *head, *head_scale;
     long vocab;
+    const int64_t *head_ids;
+    const long *segments;
+    long n_segments;
 } model_part;
 
 /* Mirrored by `layers._StepArgs`. mtp.layers NULL: no MTP module. */
@@ -162,44 +169,99 @@ typedef struct {
     const void *eh, *eh_scale;
 } step_args;
 
-/* ids [t] = each row's first argmax of x [t, d] @ head.T, every thread of a team calling it once x is written: each
- * takes its share of the head's 4-row tiles for all rows (the head read once, as in one call's team), then the rows
- * [r0, r1) of its own pick from the shares' winners in order (an equal value keeps the earlier share's: the first
- * argmax). value, id [threads, t]: each share's winner per row, shared by the team (id -1: a thread without tiles). */
+/* Whether token `token` scoring v beats the best so far (id < 0: none): the larger score, on a tie the lower token,
+ * which keeps torch's first argmax whatever order the head's rows are in. */
+static int beats(float v, int64_t token, float best, int64_t id) {
+    return id < 0 || v > best || (v == best && token < id);
+}
+
+/* The index of y[0 .. n)'s largest value, the one with the lowest token (ids: each index's token; NULL: the index). */
+static long token_argmax(const float *y, long n, const int64_t *ids) {
+    long i = dsv3_argmax(y, n);
+    if (ids) {
+        const float top = y[i];
+        long equal = 0;
+        for (long j = 0; j < n; j++)
+            equal += y[j] == top;
+        for (long j = i + 1; equal > 1 && j < n; j++)
+            if (y[j] == top && ids[j] < ids[i])
+                i = j;
+    }
+    return i;
+}
+
+/* Rows [first, first + n) of m's head against x [t, d] (whole 4-row tiles, the first n scored): each row's best
+ * token folded into value, id [t]. */
+static void score_rows(const model_part *m, const float *x, long t, long d, long first, long n, float *value, int64_t *id) {
+    if (n <= 0)
+        return;
+    const long n4 = (n + 3) & ~3L;
+    const int64_t *ids = m->head_ids ? m->head_ids + first : NULL;
+    float *y = malloc(t * n4 * sizeof(float));
+    dsv3_tiles_matmul(8, x, (const int8_t *)m->head + first * d, (const uint16_t *)m->head_scale + first, y, t, n4, d);
+    for (long r = 0; r < t; r++) {
+        const long i = token_argmax(y + r * n4, n, ids);
+        const int64_t token = ids ? ids[i] : first + i;
+        if (beats(y[r * n4 + i], token, value[r], id[r]))
+            value[r] = y[r * n4 + i], id[r] = token;
+    }
+    free(y);
+}
+
+/* ids [t] = each row's first argmax (by token) of x [t, d] @ head.T, every thread of a team calling it once x is
+ * written: each scores its share of the head's rows for all rows (the head read once, as in one call's team), then
+ * picks the winner of the rows [r0, r1) of its own among the shares' (value, id [threads, t]: each share's best per
+ * row, shared by the team; id -1: a share without rows). */
 static void head_argmax(const model_part *m, const float *x, long t, long d, float *value, int64_t *id, int64_t *ids,
                         long r0, long r1) {
     const long me = omp_get_thread_num(), threads = omp_get_num_threads();
-    long b0, b1;
-    dsv3_share(m->vocab / 4, me, threads, &b0, &b1);
-    const long v0 = 4 * b0, n = 4 * (b1 - b0);
     #pragma omp barrier
-    if (n > 0) {
-        float *y = malloc(t * n * sizeof(float));
-        dsv3_tiles_matmul(8, x, (const int8_t *)m->head + v0 * d, (const uint16_t *)m->head_scale + v0, y, t, n, d);
-        for (long r = 0; r < t; r++) {
-            const long i = dsv3_argmax(y + r * n, n);
-            value[me * t + r] = y[r * n + i], id[me * t + r] = v0 + i;
-        }
-        free(y);
+    for (long r = 0; r < t; r++)
+        id[me * t + r] = -1;
+    long s0, s1;
+    if (m->segments) {
+        dsv3_share(m->n_segments, me, threads, &s0, &s1);
+        for (long s = s0; s < s1; s++)
+            score_rows(m, x, t, d, m->segments[2 * s], m->segments[2 * s + 1], value + me * t, id + me * t);
+    } else {
+        dsv3_share(m->vocab / 4, me, threads, &s0, &s1);
+        score_rows(m, x, t, d, 4 * s0, 4 * (s1 - s0), value + me * t, id + me * t);
     }
     #pragma omp barrier
     for (long r = r0; r < r1; r++) {
-        long best = -1;
-        for (long j = 0; j < threads; j++)
-            if (id[j * t + r] >= 0 && (best < 0 || value[j * t + r] > value[best * t + r]))
+        long best = 0;
+        for (long j = 1; j < threads; j++)
+            if (id[j * t + r] >= 0 && beats(value[j * t + r], id[j * t + r], value[best * t + r], id[best * t + r]))
                 best = j;
         ids[r] = id[best * t + r];
     }
 }
 
+/* head_argmax from one thread: a team of its own shares the head. */
+static void team_head_argmax(const model_part *m, const float *x, long t, long d, int64_t *ids) {
+    const long threads = omp_get_max_threads();
+    float *value = malloc(threads * t * sizeof(float));
+    int64_t *id = malloc(threads * t * sizeof(int64_t));
+    #pragma omp parallel
+    {
+        long r0, r1;
+        dsv3_share(t, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+        head_argmax(m, x, t, d, value, id, ids, r0, r1);
+    }
+    free(id);
+    free(value);
+}
+
 /* A part's stack over rows [r0, r1) of h, its norm, and its head's argmax of those rows: shared by the team (value,
- * id: head_argmax's), or on this thread (id NULL: every row). */
+ * id: head_argmax's), or from this thread (id NULL: every row; a head with arranged rows on a team of its own). */
 static void part_rows(const model_part *m, const stack_call *s, const float *h, float eps, long t, const long *spans,
                       long count, long d, float *normed, float *stream, float *value, int64_t *id, int64_t *ids, long r0,
                       long r1) {
     stack_rows(m->layers, m->n_layers, s->c, h, m->norm, eps, spans, count, 0, d, s->bufs, normed, stream, r0, r1, r0, r1);
     if (id)
         head_argmax(m, normed, t, d, value, id, ids, r0, r1);
+    else if (m->head_ids || m->segments)
+        team_head_argmax(m, normed, t, d, ids);
     else
         dsv3_tiles_argmax(8, normed, m->head, m->head_scale, ids, t, m->vocab, d);
 }
@@ -245,7 +307,6 @@ void dsv3_greedy_step(const step_args *a, const int64_t *ids, float eps, const i
         const long threads = omp_get_max_threads();
         float *value = malloc(threads * t * sizeof(float));
         int64_t *id = malloc(threads * t * sizeof(int64_t));
-        for (long i = 0; i < threads * t; i++) id[i] = -1;  /* a thread without tiles of the head */
         #pragma omp parallel
         {
             long r0, r1;
