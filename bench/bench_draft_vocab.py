@@ -49,8 +49,8 @@ def main() -> None:
     for form in FORMS:  # warm-up, and each form's step arguments made once
         run(form, prompts[0])
     print(f"bench_draft_vocab: default model, cpu int8, {THREADS} threads; {len(mtp.draft_ids)} of "
-          f"{model.config.vocab_size} ids in the draft vocabulary; {len(prompts)} prompts x {args.max_new_tokens} tokens, "
-          f"{args.rounds} rounds", flush=True)
+          f"{model.config.vocab_size} ids in the draft vocabulary; {len(prompts)} prompts x {args.max_new_tokens} "
+          f"tokens, {args.rounds} rounds", flush=True)
     per_token = {f: [] for f in FORMS}  # per round: seconds per token over all prompts
     drafted = {f: [0, 0] for f in FORMS[1:]}  # accepted, drafted
     same = True
@@ -77,9 +77,10 @@ def main() -> None:
               "speedup_whole": ratio("plain", "whole vocabulary"), "speedup_draft": ratio("plain", "draft vocabulary"),
               "draft_over_whole": ratio("whole vocabulary", "draft vocabulary"),
               "acceptance": {f: a / d for f, (a, d) in drafted.items()}, "outputs_identical": same}
+    acceptance = result["acceptance"]
     print(f"median over rounds: k = 1 {result['speedup_whole']:.3f}x (whole vocabulary), {result['speedup_draft']:.3f}x "
           f"(draft vocabulary); the draft vocabulary's k = 1 {result['draft_over_whole']:.3f}x the whole's; acceptance "
-          f"{100 * result['acceptance']['whole vocabulary']:.1f} % -> {100 * result['acceptance']['draft vocabulary']:.1f} %; "
+          f"{100 * acceptance['whole vocabulary']:.1f} % -> {100 * acceptance['draft vocabulary']:.1f} %; "
           f"outputs identical to plain greedy: {same}")
     write_json(result, "draft-vocab", args.out)
 

@@ -619,7 +619,8 @@ def greedy_step_replay(ref: Kernels, a: dict[str, Any], tokens: list[torch.Tenso
         mtp_normed, stream = ref.decoder_layers(x, [m.layer], 1, m.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)
         drafted = ref.linear(mtp_normed, w.head).float()
         if m.draft_ids is not None:  # the drafts' logits: -inf outside the draft vocabulary
-            drafted = torch.full_like(drafted, float("-inf")).index_copy(1, m.draft_ids, ref.linear(mtp_normed, m.draft_head).float())
+            scored = ref.linear(mtp_normed, m.draft_head).float()
+            drafted = torch.full_like(drafted, float("-inf")).index_copy(1, m.draft_ids, scored)
         out += [ref.linear(normed, w.head).float(), drafted, stream]
     return out
 
@@ -628,7 +629,8 @@ CALLS["greedy_step"] = _call_greedy_step
 case("greedy_step", "decode_verify_draft",
      "one MoE layer + MTP (dense), D=128,V=64: prompts 9 + 4 | decode 1 + 1 | verify 2 + 3", DTYPES, check="greedy_step")(_greedy_step_inputs)
 case("greedy_step", "draft_vocabulary",
-     "the same, the MTP module drafting from 37 of the 64 ids", DTYPES, check="greedy_step")(partial(_greedy_step_inputs, draft_vocabulary=True))
+     "the same, the MTP module drafting from 37 of the 64 ids", DTYPES,
+     check="greedy_step")(partial(_greedy_step_inputs, draft_vocabulary=True))
 
 
 # --- sampling ----------------------------------------------------------------------------------------------

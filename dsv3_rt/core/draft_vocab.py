@@ -28,7 +28,8 @@ def read_draft_vocab(checkpoint_dir: Path | None, vocab_size: int) -> torch.Tens
     try:
         ids = json.loads(path.read_text())["ids"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a draft vocabulary ({e.__class__.__name__}: {e}); expected {{\"ids\": [...]}}") from None
+        raise CheckpointError(f"{path}: not a draft vocabulary ({e.__class__.__name__}: {e}); "
+                              'expected {"ids": [...]}') from None
     if not ids or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids) or sorted(set(ids)) != ids:
         raise CheckpointError(f"{path}: the ids must be distinct token ids in 0..{vocab_size - 1}, ascending")
     return torch.tensor(ids, dtype=torch.int64)

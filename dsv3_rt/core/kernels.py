@@ -535,7 +535,8 @@ class Kernels:
         model picks there (the token that follows the row wherever the row is confirmed):
           x = mtp_project(embedding(tokens, m.embed or w.embed), normed, m.enorm, m.hnorm, m.eh_proj)
           mtp_normed, stream = decoder_layers(x, [m.layer], len(w.layers), m.norm, ..)
-          drafts = greedy_tokens(mtp_normed, m.head or w.head)   (with a draft vocabulary: m.draft_ids[greedy_tokens(mtp_normed, m.draft_head)])
+          drafts = greedy_tokens(mtp_normed, m.head or w.head)
+        (with a draft vocabulary: drafts = m.draft_ids[greedy_tokens(mtp_normed, m.draft_head)])
         Decoding verifies the drafts with `tokens` and drafts on from the last confirmed row. A backend overrides it to
         make such a step one call."""
         normed = self.decoder_layers(self.embedding(ids, w.embed), w.layers, 0, w.norm, mla, router, eps, cache, batch)[0]

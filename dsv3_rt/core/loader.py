@@ -218,7 +218,8 @@ class WeightBuilder:
             head=self.matrix(f"{p}.shared_head.head.weight", "head", rows=self.vocab_rows()) if own("shared_head.head.weight") else None,
             embed=self.matrix(f"{p}.embed_tokens.weight", "embedding", rows=self.vocab_rows()) if own("embed_tokens.weight") else None,
             draft_ids=None if self.draft_ids is None else self.k.prepare_tensor(self.draft_ids),
-            draft_head=None if self.draft_ids is None else self.draft_head(f"{p}.shared_head.head.weight" if own("shared_head.head.weight") else self.head_name()),
+            draft_head=None if self.draft_ids is None else self.draft_head(
+                f"{p}.shared_head.head.weight" if own("shared_head.head.weight") else self.head_name()),
         )
 
     def head_name(self) -> str:

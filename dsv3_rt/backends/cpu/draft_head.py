@@ -44,4 +44,5 @@ def arrange_head(head: Weight, draft_ids: torch.Tensor, threads: int) -> Arrange
         draft.append((starts[j], d1 - d0))
     ids = torch.cat(order).contiguous()
     rows = Weight("int8_rowwise", untile_int8(head.data)[ids].contiguous(), head.shape, head.scale[ids].contiguous())
-    return ArrangedHead(tile_int8(rows), ids, torch.tensor(main, dtype=torch.int64), torch.tensor(draft, dtype=torch.int64))
+    segments = lambda pairs: torch.tensor(pairs, dtype=torch.int64)  # noqa: E731
+    return ArrangedHead(tile_int8(rows), ids, segments(main), segments(draft))

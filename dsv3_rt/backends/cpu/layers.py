@@ -123,11 +123,12 @@ class _StepArgs(ctypes.Structure):  # native/layers.c's step_args
                 ("eh_bits", ctypes.c_int), ("eh", ctypes.c_void_p), ("eh_scale", ctypes.c_void_p)]
 
 
-_STEP_KEY = "cpu.step"  # (with the draft flag) the head's meta key of (main stack args, MTP stack args, threads, step args and what they point into)
+_STEP_KEY = "cpu.step"  # (with the draft flag) the head's meta key of (main stack args, MTP stack args, threads,
+#                           step args, the arranged head they point into)
 
 
-def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: Weight, head_ids: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> _ModelPart | None:
+def _model_part(stack: ctypes.Array, embed: Weight, norm: torch.Tensor, head: Weight,
+                head_ids: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> _ModelPart | None:
     """A stack with its int8_rowwise embedding and int8_tiles head (head_ids: each row's token; segments: the rows
     its argmax scores, see native/layers.c); None for other formats."""
     if embed.format != "int8_rowwise" or embed.scale.dtype != torch.bfloat16 or head.format != "int8_tiles":
@@ -163,7 +164,7 @@ def _new_step_args(w: ModelWeights, main: ctypes.Array, mtp: ctypes.Array | None
                    threads: int) -> tuple[_StepArgs | None, ArrangedHead | None]:
     """(None where the embedding, a head, eh_proj or the MTP module's norms are not in the formats the call reads; the
     arranged head the arguments point into, if any). With a draft vocabulary, both heads read a head arranged for it
-    (`draft_head`) where the module shares the main model's, else the draft head takes the draft vocabulary's rows."""
+    (`draft_head.arrange_head`) where the module shares the main model's, else the module reads its draft head."""
     m = w.mtp[0] if mtp is not None else None
     arranged = None
     if (m is not None and m.draft_ids is not None and m.head is None and w.head.format == "int8_tiles"

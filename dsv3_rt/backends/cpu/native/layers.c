@@ -237,19 +237,32 @@ static void head_argmax(const model_part *m, const float *x, long t, long d, flo
     }
 }
 
+/* head_argmax's scratch for a team over t rows: each share's best value and token per row, [threads, t]. */
+typedef struct {
+    float *value;
+    int64_t *id;
+} head_shares;
+
+static head_shares head_shares_new(long t) {
+    const long n = omp_get_max_threads() * t;
+    return (head_shares){ malloc(n * sizeof(float)), malloc(n * sizeof(int64_t)) };
+}
+
+static void head_shares_free(head_shares s) {
+    free(s.id);
+    free(s.value);
+}
+
 /* head_argmax from one thread: a team of its own shares the head. */
 static void team_head_argmax(const model_part *m, const float *x, long t, long d, int64_t *ids) {
-    const long threads = omp_get_max_threads();
-    float *value = malloc(threads * t * sizeof(float));
-    int64_t *id = malloc(threads * t * sizeof(int64_t));
+    const head_shares s = head_shares_new(t);
     #pragma omp parallel
     {
         long r0, r1;
         dsv3_share(t, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-        head_argmax(m, x, t, d, value, id, ids, r0, r1);
+        head_argmax(m, x, t, d, s.value, s.id, ids, r0, r1);
     }
-    free(id);
-    free(value);
+    head_shares_free(s);
 }
 
 /* A part's stack over rows [r0, r1) of h, its norm, and its head's argmax of those rows: shared by the team (value,
@@ -304,17 +317,14 @@ void dsv3_greedy_step(const step_args *a, const int64_t *ids, float eps, const i
     const int split = split_stack(a->main.layers, a->main.n_layers, t, d)
                       && (!with_mtp || split_stack(a->mtp.layers, a->mtp.n_layers, t, d));
     if (split) {
-        const long threads = omp_get_max_threads();
-        float *value = malloc(threads * t * sizeof(float));
-        int64_t *id = malloc(threads * t * sizeof(int64_t));
+        const head_shares s = head_shares_new(t);
         #pragma omp parallel
         {
             long r0, r1;
             dsv3_share(t, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-            step_rows(a, &main, with_mtp, ids, eps, t, spans, count, d, work, value, id, tokens, drafts, stream, r0, r1);
+            step_rows(a, &main, with_mtp, ids, eps, t, spans, count, d, work, s.value, s.id, tokens, drafts, stream, r0, r1);
         }
-        free(id);
-        free(value);
+        head_shares_free(s);
     } else {
         step_rows(a, &main, with_mtp, ids, eps, t, spans, count, d, work, NULL, NULL, tokens, drafts, stream, 0, t);
     }
