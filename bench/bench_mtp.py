@@ -210,12 +210,14 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
                                                             for row in profiled)
         print(f"  {dtype} k={k}: {settings[k]['tok_s']:.1f} tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
     cost = {name: statistics.median(c[name] for c in costs) for name in STEP_SHAPES}
+    draft_ids = model.graph.w.mtp[0].draft_ids  # the draft vocabulary's size (None: every id)
     return {"backend": backend, "dtype": dtype, "kernels": model.kernels.name, "load_s": load_s, "settings": settings,
-            "step_costs": {"seconds": cost, "runs": costs}}
+            "step_costs": {"seconds": cost, "runs": costs}, "draft_vocabulary": None if draft_ids is None else len(draft_ids)}
 
 
 def print_dtype(res: dict, n_prompts: int) -> None:
-    print(f"\n{res['backend']} {res['dtype']}:")
+    vocab = res["draft_vocabulary"]
+    print(f"\n{res['backend']} {res['dtype']} (drafts over {f'a draft vocabulary of {vocab} ids' if vocab else 'every id'}):")
     head = (f"  {'mtp k':>5} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'tok/step':>8} {'same as greedy':>14}"
             f"   per step ms: {'total':>6} {'model step':>10} {'chained':>7} {'rest':>6} {'C kernels':>9}")
     print(head)
