@@ -468,7 +468,7 @@ def _tied_across_shares(w: Weight, m, threads: int) -> Weight:  # noqa: ANN001
     return tile_int8(Weight("int8_rowwise", rows.contiguous(), w.shape, scale))
 
 
-@pytest.mark.parametrize("head", ["draft vocabulary", "whole vocabulary", "tied rows", "tied across shares"])
+@pytest.mark.parametrize("head", ["draft vocabulary", "whole vocabulary", "tied rows", "tied across shares", "module's own"])
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_greedy_step_in_one_call_is_the_composite(threads, head):
     """A decode step, and an MTP verification with the next draft, is one C call (`dsv3_greedy_step`: the embedding,
@@ -476,7 +476,8 @@ def test_greedy_step_in_one_call_is_the_composite(threads, head):
     for bit, as the reference Kernels.greedy_step composed of this backend's own ops; a fresh prompt composes. With 2+
     threads each takes its rows through the step and the heads' vocabulary is split between them; with 3, a 2-row step
     leaves one thread without rows. The default model drafts over its draft vocabulary, from a head arranged for it
-    (`draft_head.py`), or over the whole vocabulary; with tied rows every argmax is a tie, which the lower token wins."""
+    (`draft_head.py`), or over the whole vocabulary, or with a head of the module's own (a checkpoint's
+    shared_head.head) from its draft head; with tied rows every argmax is a tie, which the lower token wins."""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")
     from dsv3_rt.backends.cpu import layers
@@ -490,6 +491,9 @@ def test_greedy_step_in_one_call_is_the_composite(threads, head):
         m.draft_ids = m.draft_head = None
     elif head == "tied rows":
         g.w.head = _tied_head(g.w.head, m)
+    elif head == "module's own":
+        w = g.w.head
+        m.head = Weight(w.format, w.data.clone(), w.shape, w.scale.clone())
     elif head == "tied across shares":
         if threads == 1:
             pytest.skip("one thread scores the whole head: no shares to tie across")
@@ -513,7 +517,8 @@ def test_greedy_step_in_one_call_is_the_composite(threads, head):
         k.__dict__.pop("greedy_step", None)
     for got, want in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
         assert torch.equal(got, want)
-    assert bool(g.w.head.meta.get(layers._ARRANGED_KEY)) == (head != "whole vocabulary")  # the arranged head served
+    arranged = head not in ("whole vocabulary", "module's own")
+    assert bool(g.w.head.meta.get(layers._ARRANGED_KEY)) == arranged  # the arranged head served
     outs = runs[0][0]  # per step (tokens, drafts, stream), the third step's tokens alone
     tokens, drafts = [outs[i] for i in (0, 3, 6, 7)], [outs[i] for i in (1, 4, 8)]
     if head == "tied rows":  # every token the lower of its pair
