@@ -82,11 +82,9 @@ class DeepseekV3:
     def draft_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """An MTP module's normed output [N, D] -> its logits [N, V] fp32, -inf outside its draft vocabulary."""
         m = self.w.mtp[0]
-        if m.draft_ids is None:
+        if m.draft_ids is None:  # (as in draft_greedy)
             return self.logits(normed, m.head)
-        out = torch.full((normed.shape[0], self.cfg.vocab_size), float("-inf"), device=normed.device)
-        out[:, m.draft_ids] = self.k.linear(normed, m.draft_head).float()
-        return out
+        return m.draft_logits(self.k, normed, self.w.head)
 
     def mtp(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, batch: AttnBatch,
             cache: LatentCache, every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

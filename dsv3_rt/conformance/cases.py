@@ -617,11 +617,7 @@ def greedy_step_replay(ref: Kernels, a: dict[str, Any], tokens: list[torch.Tenso
         normed = ref.decoder_layers(h, w.layers, 0, w.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)[0]
         x = ref.mtp_project(ref.embedding(tokens[i - 1].cpu().long(), w.embed), normed, m.enorm, m.hnorm, m.eh_proj, 1e-6)
         mtp_normed, stream = ref.decoder_layers(x, [m.layer], 1, m.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)
-        drafted = ref.linear(mtp_normed, w.head).float()
-        if m.draft_ids is not None:  # the drafts' logits: -inf outside the draft vocabulary
-            scored = ref.linear(mtp_normed, m.draft_head).float()
-            drafted = torch.full_like(drafted, float("-inf")).index_copy(1, m.draft_ids, scored)
-        out += [ref.linear(normed, w.head).float(), drafted, stream]
+        out += [ref.linear(normed, w.head).float(), m.draft_logits(ref, mtp_normed, w.head), stream]
     return out
 
 

@@ -147,6 +147,14 @@ class MTPWeights:
             return k.greedy_tokens(normed, self.head or head)
         return self.draft_ids[k.greedy_tokens(normed, self.draft_head)]
 
+    def draft_logits(self, k: Kernels, normed: torch.Tensor, head: Weight) -> torch.Tensor:
+        """normed [N, D] -> the logits [N, V] fp32 drafts are drawn from: its head's (`head` as in draft_tokens), -inf
+        outside the draft ids."""
+        if self.draft_ids is None:
+            return k.linear(normed, self.head or head).float()
+        out = torch.full((normed.shape[0], (self.head or head).shape[0]), float("-inf"), device=normed.device)
+        return out.index_copy(1, self.draft_ids, k.linear(normed, self.draft_head).float())
+
 
 @dataclass
 class ModelWeights:

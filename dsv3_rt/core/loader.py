@@ -88,7 +88,6 @@ class WeightBuilder:
         self.cfg, self.src, self.k, self.par = cfg, src, kernels, parallel
         self.shapes = expected_shapes(cfg)
         self.draft_ids = draft_ids if parallel.tp_size == 1 else None
-        self._draft_head: Weight | None = None
 
     # --- primitives -----------------------------------------------------------------------------------------
     def _check(self, name: str, got: tuple[int, ...], rows: Range | None, cols: Range | None) -> None:
@@ -100,12 +99,23 @@ class WeightBuilder:
         if tuple(got) != tuple(want):
             raise CheckpointError(f"tensor {name} has shape {tuple(got)}, expected {tuple(want)} from the config")
 
-    def matrix(self, name: str, usage: str = "linear", rows: Range | None = None, cols: Range | None = None) -> Weight:
+    def read(self, name: str, rows: Range | None = None, cols: Range | None = None) -> Weight:
+        """Tensor `name` as stored (rows, cols: this rank's slice), its shape checked."""
         if not self.src.has(name):
             raise CheckpointError(f"checkpoint is missing tensor {name}")
         w = self.src.weight(name, rows, cols)
         self._check(name, w.shape, rows, cols)
-        return self.prepare(w, usage)
+        return w
+
+    def matrix(self, name: str, usage: str = "linear", rows: Range | None = None, cols: Range | None = None) -> Weight:
+        return self.prepare(self.read(name, rows, cols), usage)
+
+    def head(self, name: str) -> tuple[Weight, Weight | None]:
+        """Head `name` (this rank's vocabulary rows), prepared, and from the same read its rows at the draft ids
+        prepared as the draft head (None without a draft vocabulary)."""
+        w = self.read(name, rows=self.vocab_rows())
+        draft = None if self.draft_ids is None else self.prepare(draft_rows(w, self.draft_ids), "head")
+        return self.prepare(w, "head"), draft
 
     def prepare(self, w: Weight, usage: str) -> Weight:
         """The backend's runtime form of `w`; with activations="ggml-cpu" it carries the rounding rule of
@@ -205,34 +215,23 @@ class WeightBuilder:
     def vocab_rows(self) -> Range | None:
         return self.par.shard(self.cfg.vocab_size) if self.par.tp_size > 1 else None
 
-    def mtp(self, depth: int) -> MTPWeights:
+    def mtp(self, depth: int, draft_head: Weight | None) -> MTPWeights:
+        """MTP module `depth`; draft_head: the main head's, the module's where it has no head of its own."""
         i = self.cfg.num_hidden_layers + depth
         p = f"model.layers.{i}"
         own = lambda n: self.src.has(f"{p}.{n}")  # noqa: E731 - the checkpoint may omit shared copies
+        head, draft_head = self.head(f"{p}.shared_head.head.weight") if own("shared_head.head.weight") else (None, draft_head)
         return MTPWeights(
             enorm=self.vector(f"{p}.enorm.weight"),
             hnorm=self.vector(f"{p}.hnorm.weight"),
             eh_proj=self.matrix(f"{p}.eh_proj.weight"),
             layer=self.layer(i),
             norm=self.vector(f"{p}.shared_head.norm.weight"),
-            head=self.matrix(f"{p}.shared_head.head.weight", "head", rows=self.vocab_rows()) if own("shared_head.head.weight") else None,
+            head=head,
             embed=self.matrix(f"{p}.embed_tokens.weight", "embedding", rows=self.vocab_rows()) if own("embed_tokens.weight") else None,
             draft_ids=None if self.draft_ids is None else self.k.prepare_tensor(self.draft_ids),
-            draft_head=None if self.draft_ids is None else self.draft_head(
-                f"{p}.shared_head.head.weight" if own("shared_head.head.weight") else self.head_name()),
+            draft_head=draft_head,
         )
-
-    def head_name(self) -> str:
-        cfg = self.cfg
-        return "model.embed_tokens.weight" if cfg.tie_word_embeddings and not self.src.has("lm_head.weight") else "lm_head.weight"
-
-    def draft_head(self, name: str) -> Weight:
-        """The rows of head `name` at the draft ids, prepared as a head (made once: the modules share the head)."""
-        if self._draft_head is None:
-            w = self.src.weight(name)
-            self._check(name, w.shape, None, None)
-            self._draft_head = self.prepare(draft_rows(w, self.draft_ids), "head")
-        return self._draft_head
 
     def has_mtp(self) -> bool:
         cfg = self.cfg
@@ -250,12 +249,13 @@ class WeightBuilder:
             for i in range(cfg.num_hidden_layers):
                 layers.append(self.layer(i))
                 steps.update()
-            head = self.matrix(self.head_name(), "head", rows=self.vocab_rows())
+            head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings and not self.src.has("lm_head.weight") else "lm_head.weight"
+            head, draft_head = self.head(head_name)
             norm = self.vector("model.norm.weight")
             steps.update()
             mtp = []
             for d in range(n_mtp):
-                mtp.append(self.mtp(d))
+                mtp.append(self.mtp(d, draft_head))
                 steps.update()
         return ModelWeights(embed=embed, layers=layers, norm=norm, head=head, mtp=mtp)
 
