@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3_rt.core.batch import AttnBatch
+from dsv3_rt.core.batch import AttnBatch, take_rows
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.kernels import Kernels, LatentCache, LayerWeights, MLASpec, ModelWeights, RouterSpec
 from dsv3_rt.core.parallel import SINGLE, Parallel
@@ -60,16 +60,18 @@ class DeepseekV3:
 
     def greedy_step(self, ids: torch.Tensor, batch: AttnBatch, cache: LatentCache,
                     draft: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """A greedy decode or verification step over cached prefixes: (each row's greedy token [T]; with `draft`, MTP
-        module 0's greedy draft at every row, fed that token, and its output stream [T, D] for chaining), as
-        `Kernels.greedy_step`. Distributed, it composes the same from `forward`, `greedy` and `mtp`."""
+        """A greedy decode or verification step over cached prefixes, each sequence bringing its last token and drafts:
+        (each row's greedy token [T]; with `draft`, MTP module 0's greedy draft at each sequence's last confirmed row,
+        and its output stream there [B, D] for chaining), as `Kernels.greedy_step`. Distributed, it composes the same
+        from `forward`, `greedy` and `mtp`."""
         if self.par.world_group is None:
             return self.k.greedy_step(ids, self.w, self.mla, self.router, self.cfg.rms_norm_eps, cache, batch, draft)
         normed = self.forward(ids, batch, cache)
         tokens = self.agree(self.greedy(normed))
         if not draft:
             return tokens, None, None
-        stream, mtp_normed = self.mtp(0, normed, tokens, batch, cache, every_position=True)
+        confirmed, rows = batch.confirmed(ids.tolist(), tokens.tolist())
+        stream, mtp_normed = self.mtp(0, take_rows(normed, rows), take_rows(tokens, rows), confirmed, cache)
         return tokens, self.agree(self.draft_greedy(mtp_normed)), stream
 
     def draft_greedy(self, normed: torch.Tensor) -> torch.Tensor:

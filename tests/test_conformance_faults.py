@@ -65,6 +65,23 @@ class SoftmaxWithoutMscale(Kernels):
         return super().mla_attention(q_nope, q_pe, kv, k_pe, kv_b, cache, layer, batch, plain)
 
 
+class DraftsPastTheConfirmedRows(Kernels):
+    """Drafts from each sequence's last row in a greedy step, even where the main model rejected a draft before it."""
+
+    name = "fault-draft-row"
+
+    def greedy_step(self, ids, w, mla, router, eps, cache, batch, draft=False):  # noqa: ANN001, ANN201
+        normed = self.decoder_layers(self.embedding(ids, w.embed), w.layers, 0, w.norm, mla, router, eps, cache, batch)[0]
+        tokens = self.greedy_tokens(normed, w.head)
+        if not draft:
+            return tokens, None, None
+        m = w.mtp[0]
+        x = self.mtp_project(self.embedding(tokens, w.embed), normed, m.enorm, m.hnorm, m.eh_proj, eps)
+        mtp_normed, stream = self.decoder_layers(x, [m.layer], len(w.layers), m.norm, mla, router, eps, cache, batch,
+                                                 last_only=True)
+        return tokens, m.draft_tokens(self, mtp_normed, w.head), stream
+
+
 FAULTS = [
     (RmsNormOff, "rms_norm", None),
     (RopeHalfSplit, "rope", None),
@@ -72,6 +89,7 @@ FAULTS = [
     (RoutingIgnoresGroups, "moe_route", None),
     (Fp8ScalesTransposed, "linear", "fp8"),
     (SoftmaxWithoutMscale, "mla_attention", None),
+    (DraftsPastTheConfirmedRows, "greedy_step", "float32"),
 ]
 
 

@@ -468,12 +468,22 @@ def _tied_across_shares(w: Weight, m, threads: int) -> Weight:  # noqa: ANN001
     return tile_int8(Weight("int8_rowwise", rows.contiguous(), w.shape, scale))
 
 
+def _main_tokens(g, ids: torch.Tensor, batch: AttnBatch, cache) -> torch.Tensor:  # noqa: ANN001
+    """The main model's greedy token at each row of a step, from a copy of the cache (which the step leaves as it was)."""
+    scratch = g.new_cache(2, 32)
+    for a, b in zip(scratch.buffers, cache.buffers):
+        a.copy_(b)
+    return g.greedy_step(ids, batch, scratch, draft=False)[0]
+
+
 @pytest.mark.parametrize("head", ["draft vocabulary", "whole vocabulary", "tied rows", "tied across shares", "module's own"])
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_greedy_step_in_one_call_is_the_composite(threads, head):
     """A decode step, and an MTP verification with the next draft, is one C call (`dsv3_greedy_step`: the embedding,
-    the stack, the head's argmax and the MTP module at every row): the same tokens, drafts, MTP stream and cache, bit
-    for bit, as the reference Kernels.greedy_step composed of this backend's own ops; a fresh prompt composes. With 2+
+    the stack, the head's argmax and the MTP module over each sequence's confirmed rows, drafting at the last): the
+    same tokens, drafts, MTP stream and cache, bit for bit, as the reference Kernels.greedy_step composed of this
+    backend's own ops; a fresh prompt composes. The verifications keep each sequence's first draft (the main model's
+    token there) and reject the rest. With 2+
     threads each takes its rows through the step and the heads' vocabulary is split between them; with 3, a 2-row step
     leaves one thread without rows. The default model drafts over its draft vocabulary, from a head arranged for it
     (`draft_head.py`), or over the whole vocabulary, or with a head of the module's own (a checkpoint's
@@ -511,10 +521,16 @@ def test_greedy_step_in_one_call_is_the_composite(threads, head):
         g.mtp(0, hidden, ids[1:17], prompt, cache, every_position=True)
         off = 16
         for batch, draft in steps:
-            outs += [t for t in g.greedy_step(ids[off:off + batch.num_tokens], batch, cache, draft) if t is not None]
+            step_ids = ids[off:off + batch.num_tokens]
+            if fused and draft and batch.num_tokens > len(batch.slots):  # each sequence's first draft kept, the rest not
+                step_ids[[o + 1 for _, _, o, _ in batch.spans()]] = _main_tokens(g, step_ids, batch, cache)[
+                    [o for _, _, o, _ in batch.spans()]]
+            outs += [t for t in g.greedy_step(step_ids, batch, cache, draft) if t is not None]
             off += batch.num_tokens
         runs.append((outs, [b.clone() for b in cache.buffers]))
         k.__dict__.pop("greedy_step", None)
+    verify = runs[0][0][3]  # the 2 + 3 verification: 2 rows of each sequence confirmed, 1 rejected
+    assert verify[[0, 2]].tolist() == ids[[19, 21]].tolist() and verify[3].item() != ids[22].item()
     for got, want in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
         assert torch.equal(got, want)
     arranged = head not in ("whole vocabulary", "module's own")

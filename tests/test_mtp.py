@@ -113,6 +113,21 @@ def test_verify_greedy_equals_verify_on_one_hot_distributions():
         assert verify_greedy(best, drafts) == verify(eye[best], drafts, eye[drafts], g)
 
 
+def test_confirmed_rows_are_those_greedy_verification_keeps():
+    """AttnBatch.confirmed: each sequence's last token and the drafts verify_greedy keeps, as a batch of those prefixes
+    (the rows a greedy step's MTP module runs over) and their flat rows."""
+    from dsv3_rt.core.batch import AttnBatch
+
+    batch = AttnBatch.build([2, 0, 1], [5, 9, 3], [3, 1, 2])
+    ids = [10, 11, 12, 20, 30, 31]  # each sequence's last token, then its drafts
+    tokens = [11, 99, 7, 21, 31, 8]  # 11 keeps the first draft, 99 rejects the second; 31 keeps the last sequence's
+    confirmed, rows = batch.confirmed(ids, tokens)
+    assert (confirmed.slots, confirmed.starts, confirmed.lengths) == ([2, 0, 1], [5, 9, 3], [2, 1, 2])
+    assert rows == [0, 1, 3, 4, 5]
+    for (_, _, off, n), kept in zip(batch.spans(), confirmed.lengths):
+        assert kept == len(verify_greedy(tokens[off:off + n], ids[off + 1:off + n]))
+
+
 def test_verify_first_token_follows_the_target():
     """Whatever q drafted from, the first emitted token is distributed as p_0 (speculative sampling)."""
     g = torch.Generator().manual_seed(1)

@@ -577,7 +577,21 @@ def _greedy_step_inputs(g: torch.Generator, dtype: str, draft_vocabulary: bool =
     if draft_vocabulary:
         a["draft_ids"] = torch.randperm(64, generator=g)[:37].sort().values
         a["draft_head"] = W(draft_rows(head, a["draft_ids"]), "head")
+    _keep_first_drafts(a)
     return a
+
+
+def _keep_first_drafts(a: dict[str, Any]) -> None:
+    """Make the verification step's first draft of each sequence the reference's token at the row before it (and leave
+    the others random), so the step confirms 2 rows of a sequence's 2 and 2 of its 3 where a backend picks the same."""
+    ref = Kernels()
+    p = prepare(ref, a)
+    w, spec, cache = _greedy_setup(ref, p)
+    step = len(_GREEDY_STEPS) - 1
+    for i, b in enumerate(p["batches"][1:], 1):
+        tokens = ref.greedy_step(p[f"ids{i}"], w, spec, BLOCK_ROUTER, 1e-6, cache, b, draft=i < step)[0]
+    firsts = [off for _, _, off, _ in p["batches"][step].spans()]
+    a[f"ids{step}"][[off + 1 for off in firsts]] = tokens[firsts]
 
 
 def _greedy_setup(k: Kernels, a: dict[str, Any]) -> tuple[ModelWeights, MLASpec, Any]:
@@ -608,15 +622,17 @@ def _call_greedy_step(k: Kernels, a: dict[str, Any]) -> list[torch.Tensor]:
 
 def greedy_step_replay(ref: Kernels, a: dict[str, Any], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
     """What the reference computes at each step of the greedy_step case when the MTP module is fed `tokens` (a
-    backend's, per step): [main logits, MTP logits, MTP stream] per step, so a backend's near tie costs it nothing
-    downstream."""
+    backend's, per step), which also decide the rows it confirms: [main logits, MTP logits, MTP stream] per step, so a
+    backend's near tie costs it nothing downstream."""
     w, spec, cache = _greedy_setup(ref, a)
     m, out = w.mtp[0], []
     for i, b in enumerate(a["batches"][1:], 1):
-        h = ref.embedding(a[f"ids{i}"], w.embed)
-        normed = ref.decoder_layers(h, w.layers, 0, w.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)[0]
-        x = ref.mtp_project(ref.embedding(tokens[i - 1].cpu().long(), w.embed), normed, m.enorm, m.hnorm, m.eh_proj, 1e-6)
-        mtp_normed, stream = ref.decoder_layers(x, [m.layer], 1, m.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)
+        ids, picked = a[f"ids{i}"], tokens[i - 1].cpu().long()
+        normed = ref.decoder_layers(ref.embedding(ids, w.embed), w.layers, 0, w.norm, spec, BLOCK_ROUTER, 1e-6, cache, b)[0]
+        confirmed, rows = b.confirmed(ids.tolist(), picked.tolist())
+        x = ref.mtp_project(ref.embedding(picked[rows], w.embed), normed[rows], m.enorm, m.hnorm, m.eh_proj, 1e-6)
+        mtp_normed, stream = ref.decoder_layers(x, [m.layer], 1, m.norm, spec, BLOCK_ROUTER, 1e-6, cache, confirmed,
+                                                last_only=True)
         out += [ref.linear(normed, w.head).float(), m.draft_logits(ref, mtp_normed, w.head), stream]
     return out
 

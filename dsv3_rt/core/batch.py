@@ -62,6 +62,18 @@ class AttnBatch:
         return AttnBatch(list(self.slots), [s + n - 1 for s, n in zip(self.starts, self.lengths)], [1] * len(self.slots),
                          self.device)
 
+    def confirmed(self, ids: list[int], tokens: list[int]) -> tuple[AttnBatch, list[int]]:
+        """A greedy verification's confirmed rows: each sequence brings its last token and its drafts (ids, flat), and the
+        main model picked `tokens` at those rows; a sequence's rows are confirmed up to its first draft that differs
+        from the token picked at the row before it (`kept_drafts`). Returns the batch of those rows (each sequence's
+        prefix) and their rows in the flat order."""
+        lengths, rows = [], []
+        for _, _, off, n in self.spans():
+            kept = 1 + kept_drafts(tokens[off:off + n - 1], ids[off + 1:off + n])
+            lengths.append(kept)
+            rows += range(off, off + kept)
+        return AttnBatch(list(self.slots), list(self.starts), lengths, self.device), rows
+
     def spans(self) -> list[tuple[int, int, int, int]]:
         """(slot, start, row offset in the flat batch, length) per sequence."""
         out, off = [], 0
@@ -69,6 +81,15 @@ class AttnBatch:
             out.append((slot, start, off, n))
             off += n
         return out
+
+
+def kept_drafts(picked: list[int], drafts: list[int]) -> int:
+    """How many of `drafts` greedy verification keeps: each while it equals the token the main model picked at the row
+    before it (picked[j] verifies drafts[j])."""
+    n = 0
+    while n < len(drafts) and drafts[n] == picked[n]:
+        n += 1
+    return n
 
 
 def int64_tensor(values: list[int], device: torch.device | str = "cpu") -> torch.Tensor:

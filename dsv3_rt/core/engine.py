@@ -152,14 +152,14 @@ class Engine:
                      ids: torch.Tensor) -> list[tuple[Sequence, int]]:
         """A step of greedy sequences that each bring their last token and drafts, with the MTP module (if any) caught
         up on every cached position: the new tokens, and the next drafts, from one `greedy_step` (the drafts are
-        verified by each row's greedy token, and the module's draft at the last confirmed row is the next one)."""
+        verified by each row's greedy token, and the module drafts at each sequence's last confirmed row)."""
         tokens, drafts, stream = self.graph.greedy_step(ids, batch, self.cache, draft=bool(self.mtp))
         picked = tokens.tolist()
         proposed = drafts.tolist() if drafts is not None else []
         verifying = any(s.drafts for s in seqs)
         out: list[tuple[Sequence, int]] = []
         group, rows, row = [], [], 0
-        for seq, chunk in zip(seqs, chunks):
+        for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
             toks = verify_greedy(picked[row:row + len(chunk)], seq.drafts)
             if verifying:
                 self._record(seq, toks)
@@ -169,9 +169,9 @@ class Engine:
             if self.mtp:
                 seq.mtp_cached = seq.cached
                 if not seq.finished and self._draft_len(seq) > 0:
-                    seq.drafts.append(proposed[row + len(toks) - 1])
+                    seq.drafts.append(proposed[i])
                     group.append(seq)
-                    rows.append(row + len(toks) - 1)
+                    rows.append(i)
             row += len(chunk)
         if self.mtp > 1 and group:  # (k = 1 drafts no more)
             self._chain_drafts(group, take_rows(stream, rows))

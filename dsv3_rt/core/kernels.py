@@ -536,24 +536,29 @@ class Kernels:
     def greedy_step(self, ids: torch.Tensor, w: ModelWeights, mla: MLASpec, router: RouterSpec, eps: float,
                     cache: LatentCache, batch: AttnBatch,
                     draft: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """A greedy step of one process (no tp / ep groups) whose sequences sit on a cached prefix: ids [T] ->
-        (tokens [T], drafts [T] or None, stream [T, D] or None). A composite:
+        """A greedy step of one process (no tp / ep groups) whose sequences sit on a cached prefix, each bringing its last
+        token and its drafts: ids [T] -> (tokens [T], drafts [B] or None, stream [B, D] or None). A composite:
           normed = decoder_layers(embedding(ids, w.embed), w.layers, 0, w.norm, ..)[0];  tokens = greedy_tokens(normed, w.head)
-        and with `draft`, MTP module 0 (m = w.mtp[0], cache layer len(w.layers)) at every row, fed the token the main
-        model picks there (the token that follows the row wherever the row is confirmed):
-          x = mtp_project(embedding(tokens, m.embed or w.embed), normed, m.enorm, m.hnorm, m.eh_proj)
-          mtp_normed, stream = decoder_layers(x, [m.layer], len(w.layers), m.norm, ..)
+        and with `draft`, MTP module 0 (m = w.mtp[0], cache layer len(w.layers)) over each sequence's rows that `tokens`
+        confirm (`AttnBatch.confirmed`: its last token and the drafts greedy verification keeps), fed the token the
+        main model picks at each (the token that follows a confirmed row):
+          x = mtp_project(embedding(tokens[rows], m.embed or w.embed), normed[rows], m.enorm, m.hnorm, m.eh_proj)
+          mtp_normed, stream = decoder_layers(x, [m.layer], len(w.layers), m.norm, .., confirmed, last_only=True)
           drafts = greedy_tokens(mtp_normed, m.head or w.head)
-        (with a draft vocabulary: drafts = m.draft_ids[greedy_tokens(mtp_normed, m.draft_head)])
-        Decoding verifies the drafts with `tokens` and drafts on from the last confirmed row. A backend overrides it to
-        make such a step one call."""
+        (with a draft vocabulary: drafts = m.draft_ids[greedy_tokens(mtp_normed, m.draft_head)]): each sequence's next
+        draft and the module's stream at its last confirmed row, for chaining. Only those rows go on through the
+        module's attention, MoE and head; every confirmed row enters its cache. A backend overrides it to make such a
+        step one call."""
         normed = self.decoder_layers(self.embedding(ids, w.embed), w.layers, 0, w.norm, mla, router, eps, cache, batch)[0]
         tokens = self.greedy_tokens(normed, w.head)
         if not draft:
             return tokens, None, None
         m = w.mtp[0]
-        x = self.mtp_project(self.embedding(tokens, m.embed or w.embed), normed, m.enorm, m.hnorm, m.eh_proj, eps)
-        mtp_normed, stream = self.decoder_layers(x, [m.layer], len(w.layers), m.norm, mla, router, eps, cache, batch)
+        confirmed, rows = batch.confirmed(ids.tolist(), tokens.tolist())
+        e = self.embedding(take_rows(tokens, rows), m.embed or w.embed)
+        x = self.mtp_project(e, take_rows(normed, rows), m.enorm, m.hnorm, m.eh_proj, eps)
+        mtp_normed, stream = self.decoder_layers(x, [m.layer], len(w.layers), m.norm, mla, router, eps, cache, confirmed,
+                                                 last_only=True)
         return tokens, m.draft_tokens(self, mtp_normed, w.head), stream
 
     def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@ One engine step with MTP, for a sequence whose last token x_m is not yet in the 
    confirmed, keeping its own latent cache in step with the main one, and its last output drafts d'_1;
 3. k > 1 chains the same module on its own output hidden and draft (as vLLM does); those chained cache
    entries sit past the confirmed length and are overwritten next step, so rollback costs nothing.
-A step whose sequences are all greedy does 1 and 2 as one op (`Kernels.greedy_step`): the module runs at every row,
-fed the main model's greedy token there, which is the token that follows the row wherever the row is confirmed.
+A step whose sequences are all greedy does 1 and 2 as one op (`Kernels.greedy_step`): the main model's greedy tokens
+decide which rows are confirmed, and the module runs over those, fed the token that follows each of them (the main
+model's token at the row: where a row is confirmed, its token is the next one), its layer going on past the cache only
+at each sequence's last confirmed row, whose output drafts.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3_rt.core.batch import kept_drafts
 from dsv3_rt.core.kernels import inverse_cdf
 
 
@@ -65,9 +68,7 @@ def verify(target: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor, g
 def verify_greedy(target_ids: list[int], drafts: list[int]) -> list[int]:
     """`verify` for a greedy sequence, from the argmax of each of the k + 1 verified positions: keep drafts
     while they equal the main model's choice, then add its choice at the first mismatch (or the bonus)."""
-    n = 0
-    while n < len(drafts) and drafts[n] == target_ids[n]:
-        n += 1
+    n = kept_drafts(target_ids, drafts)
     return drafts[:n] + [target_ids[n]]
 
 

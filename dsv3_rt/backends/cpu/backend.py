@@ -81,6 +81,9 @@ class CpuBackend(Kernels):
                                                  "the roundings compound through the residual stream") for dtype in ("int8", "int4")},
         **{f"greedy_step*:{dtype}": Tolerance(2e-1, 2e-1, "a main layer, mtp_project and the MTP module's layer, each rounding "
                                               "as above, before the stream") for dtype in ("int8", "int4")},
+        "greedy_step*:fp8": Tolerance(1e-1, 1e-1, "fp8 weights widened to bf16 (the block scale applied, then rounded: the "
+                                      "reference dequantises in fp32), through a main layer, mtp_project and the MTP "
+                                      "module's layer over two confirmed rows: the stream 0.18 off on values up to 3.7"),
     }
 
     @classmethod

@@ -202,15 +202,15 @@ def greedy_step(ids: torch.Tensor, w: ModelWeights, spec: MLASpec, router: Route
     in C. None otherwise."""
     if native.library() is None or ids.dtype != torch.int64 or attention.step_spans(batch).fresh:
         return None
-    t = ids.shape[0]
+    t, count = ids.shape[0], len(batch.slots)
     main = _c_stack(w.layers, 0, w.norm, spec, router, cache, t, t)
-    mtp = _c_stack([w.mtp[0].layer], len(w.layers), w.mtp[0].norm, spec, router, cache, t, t) if draft else None
+    mtp = _c_stack([w.mtp[0].layer], len(w.layers), w.mtp[0].norm, spec, router, cache, t, count) if draft else None
     args = None if main is None or (draft and mtp is None) else _step_args(w, main, mtp)
     if args is None:
         return None
     step, i, d = attention.step_spans(batch), ids.contiguous(), w.norm.shape[0]  # (step_spans: built once a batch)
-    tokens, stream = torch.empty(t, dtype=torch.int64), torch.empty(t, d, dtype=torch.float32)
-    drafts = torch.empty(t, dtype=torch.int64) if draft else None
+    tokens, stream = torch.empty(t, dtype=torch.int64), torch.empty(count if draft else t, d, dtype=torch.float32)
+    drafts = torch.empty(count, dtype=torch.int64) if draft else None
     native.library().dsv3_greedy_step(ctypes.byref(args), i.data_ptr(), eps, step.positions, t, step.spans, step.count, d,
                                       tokens.data_ptr(), native.address(drafts), stream.data_ptr())
     return tokens, drafts, stream if draft else None

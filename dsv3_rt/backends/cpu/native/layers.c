@@ -19,6 +19,8 @@ typedef struct mla_call mla_call;     /* mla_block.c: one call's buffers */
 mla_call *dsv3_mla_call_new(const block_args *a, const int64_t *positions, long t, const long *spans, long count,
                             int last_only);
 void dsv3_mla_call_free(mla_call *c);
+mla_call *dsv3_mla_view(const mla_call *c, const long *spans);
+void dsv3_mla_view_free(mla_call *v);
 void dsv3_mla_rows(const mla_call *shared, const block_args *a, const float *h, const float *residual, const float *norm,
                    float *stream, float *out, long c0, long c1, long q0, long q1);
 long dsv3_mla_row_work(const block_args *a);
@@ -211,9 +213,10 @@ static void score_rows(const model_part *m, const float *x, long t, long d, long
 /* ids [t] = each row's first argmax (by token) of x [t, d] @ head.T, every thread of a team calling it once x is
  * written: each scores its share of the head's rows for all rows (the head read once, as in one call's team), then
  * picks the winner of the rows [r0, r1) of its own among the shares' (value, id [threads, t]: each share's best per
- * row, shared by the team; id -1: a share without rows). */
+ * row, shared by the team; id -1: a share without rows); every (NULL: none), this thread's own copy of all t winners,
+ * which it may read without waiting for the other threads' rows of ids. */
 static void head_argmax(const model_part *m, const float *x, long t, long d, float *value, int64_t *id, int64_t *ids,
-                        long r0, long r1) {
+                        long r0, long r1, int64_t *every) {
     const long me = omp_get_thread_num(), threads = omp_get_num_threads();
     #pragma omp barrier
     for (long r = 0; r < t; r++)
@@ -228,12 +231,15 @@ static void head_argmax(const model_part *m, const float *x, long t, long d, flo
         score_rows(m, x, t, d, 4 * s0, 4 * (s1 - s0), value + me * t, id + me * t);
     }
     #pragma omp barrier
-    for (long r = r0; r < r1; r++) {
+    for (long r = every ? 0 : r0; r < (every ? t : r1); r++) {
         long best = 0;
         for (long j = 1; j < threads; j++)
             if (id[j * t + r] >= 0 && beats(value[j * t + r], id[j * t + r], value[best * t + r], id[best * t + r]))
                 best = j;
-        ids[r] = id[best * t + r];
+        if (every)
+            every[r] = id[best * t + r];
+        if (r >= r0 && r < r1)
+            ids[r] = id[best * t + r];
     }
 }
 
@@ -260,59 +266,87 @@ static void team_head_argmax(const model_part *m, const float *x, long t, long d
     {
         long r0, r1;
         dsv3_share(t, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-        head_argmax(m, x, t, d, s.value, s.id, ids, r0, r1);
+        head_argmax(m, x, t, d, s.value, s.id, ids, r0, r1, NULL);
     }
     head_shares_free(s);
 }
 
-/* A part's stack over rows [r0, r1) of h, its norm, and its head's argmax of those rows: shared by the team (value,
- * id: head_argmax's), or from this thread (id NULL: every row; a head with arranged rows on a team of its own). */
-static void part_rows(const model_part *m, const stack_call *s, const float *h, float eps, long t, const long *spans,
-                      long count, long d, float *normed, float *stream, float *value, int64_t *id, int64_t *ids, long r0,
-                      long r1) {
-    stack_rows(m->layers, m->n_layers, s->c, h, m->norm, eps, spans, count, 0, d, s->bufs, normed, stream, r0, r1, r0, r1);
+/* The argmax of m's head for rows [r0, r1) of x [t, d]: shared by the team (value, id: head_argmax's; every: see
+ * there), or from this thread (id NULL: every row; a head with arranged rows on a team of its own). */
+static void part_head(const model_part *m, const float *x, long t, long d, float *value, int64_t *id, int64_t *ids,
+                      long r0, long r1, int64_t *every) {
     if (id)
-        head_argmax(m, normed, t, d, value, id, ids, r0, r1);
+        head_argmax(m, x, t, d, value, id, ids, r0, r1, every);
     else if (m->head_ids || m->segments)
-        team_head_argmax(m, normed, t, d, ids);
+        team_head_argmax(m, x, t, d, ids);
     else
-        dsv3_tiles_argmax(8, normed, m->head, m->head_scale, ids, t, m->vocab, d);
+        dsv3_tiles_argmax(8, x, m->head, m->head_scale, ids, t, m->vocab, d);
+}
+
+/* Each sequence's rows that the main model's tokens confirm (AttnBatch.confirmed): its last token, then each draft
+ * while it equals the token picked at the row before it. kept: spans with their lengths cut to those rows. */
+static void confirmed_spans(const long *spans, long count, const int64_t *ids, const int64_t *tokens, long *kept) {
+    for (long s = 0; s < count; s++) {
+        const long off = spans[4 * s + 2], n = spans[4 * s + 3];
+        long rows = 1;
+        while (rows < n && tokens[off + rows - 1] == ids[off + rows])
+            rows++;
+        memcpy(kept + 4 * s, spans + 4 * s, 3 * sizeof(long));
+        kept[4 * s + 3] = rows;
+    }
 }
 
 /* Rows [r0, r1) of a greedy step (see dsv3_greedy_step): one thread's share of a team, or all rows on this thread (id
- * NULL). work: x, normed, y and the MTP module's normed rows, [t, d] each. */
+ * NULL). mtp: the MTP module's last_only call. work: x, normed, y, the main stack's stream with a module (stream is
+ * then its [count, d]) [t, d] each, and the module's normed rows [count, d]. */
 static void step_rows(const step_args *a, const stack_call *main, const stack_call *mtp, const int64_t *ids, float eps,
                       long t, const long *spans, long count, long d, float *const *work, float *value, int64_t *id,
                       int64_t *tokens, int64_t *drafts, float *stream, long r0, long r1) {
-    float *x = work[0], *normed = work[1], *y = work[2], *mtp_normed = work[3];
+    float *x = work[0], *normed = work[1], *y = work[2], *mtp_normed = work[4];
     const long rows = r1 - r0;
     dsv3_embedding_int8(a->main.embed, a->main.embed_scale, ids + r0, x + r0 * d, rows, d);
-    part_rows(&a->main, main, x, eps, t, spans, count, d, normed, stream, value, id, tokens, r0, r1);
+    stack_rows(a->main.layers, a->main.n_layers, main->c, x, a->main.norm, eps, spans, count, 0, d, main->bufs, normed,
+               mtp ? work[3] : stream, r0, r1, r0, r1);
+    int64_t *picked = mtp && id ? malloc(t * sizeof(int64_t)) : tokens;  /* every row's token, this thread's copy */
+    part_head(&a->main, normed, t, d, value, id, tokens, r0, r1, mtp && id ? picked : NULL);
     if (!mtp)
         return;
-    if (rows > 0) {
+    long q0 = 0, q1 = count;  /* the module's query rows: each sequence's last confirmed row */
+    if (id)
+        dsv3_share(count, omp_get_thread_num(), omp_get_num_threads(), &q0, &q1);
+    long *kept = malloc(4 * count * sizeof(long));
+    confirmed_spans(spans, count, ids, picked, kept);
+    mla_call *view = dsv3_mla_view(mtp->c, kept);
+    if (rows > 0) {  /* (rows past a sequence's confirmed ones too: cheaper than a gather; they stay out of the cache) */
         dsv3_embedding_int8(a->mtp.embed, a->mtp.embed_scale, tokens + r0, x + r0 * d, rows, d);
         dsv3_mtp_project(a->eh_bits, x + r0 * d, normed + r0 * d, a->enorm, a->hnorm, eps, a->eh, a->eh_scale, y + r0 * d,
                          rows, d);
     }
-    part_rows(&a->mtp, mtp, y, eps, t, spans, count, d, mtp_normed, stream, value, id, drafts, r0, r1);
+    stack_rows(a->mtp.layers, a->mtp.n_layers, view, y, a->mtp.norm, eps, kept, count, 1, d, mtp->bufs, mtp_normed, stream,
+               r0, r1, q0, q1);
+    part_head(&a->mtp, mtp_normed, count, d, value, id, drafts, q0, q1, NULL);
+    dsv3_mla_view_free(view);
+    free(kept);
+    if (picked != tokens)
+        free(picked);
 }
 
-/* Kernels.greedy_step: ids [t] through the embedding, the main stack and its norm, tokens [t] = each row's first
- * argmax of the head; with an MTP module, each row's token through its embedding and mtp_project (with the main
- * model's normed row), its layer over every row and its norm, drafts [t] = the argmax of its head, stream [t, d] = its
- * layer's output stream (without: the main stack's). The C functions of those ops, each row's sums as in one call per
- * op (bit-identical to it): a decode step, or an MTP verification and the next draft, returns to the interpreter once.
- * Where both stacks split their rows between the threads (team.h), each thread takes its rows through the whole step
- * in one team entry, the heads' vocabulary split between the threads (head_argmax), instead of four team entries (two
- * stacks, two heads). */
+/* Kernels.greedy_step: ids [t] (each sequence's last token and its drafts) through the embedding, the main stack and its
+ * norm, tokens [t] = each row's first argmax of the head; with an MTP module, over each sequence's confirmed rows
+ * (confirmed_spans), each row's token through its embedding and mtp_project (with the main model's normed row), its
+ * layer (last_only at the last confirmed row) and its norm: drafts [count] = the argmax of its head there, stream
+ * [count, d] = its layer's output stream there (without: [t, d], the main stack's). The C functions of those ops,
+ * each row's sums as in one call per op (bit-identical to it): a decode step, or an MTP verification and the next
+ * draft, returns to the interpreter once. Where both stacks split their rows between the threads (team.h), each
+ * thread takes its rows through the whole step in one team entry, the heads' vocabulary split between the threads
+ * (head_argmax), instead of four team entries (two stacks, two heads). */
 void dsv3_greedy_step(const step_args *a, const int64_t *ids, float eps, const int64_t *positions, long t,
                       const long *spans, long count, long d, int64_t *tokens, int64_t *drafts, float *stream) {
-    float *buf = malloc(4 * t * d * sizeof(float));
-    float *work[4] = { buf, buf + t * d, buf + 2 * t * d, buf + 3 * t * d };
+    float *buf = malloc(5 * t * d * sizeof(float));
+    float *work[5] = { buf, buf + t * d, buf + 2 * t * d, buf + 3 * t * d, buf + 4 * t * d };
     stack_call main = stack_call_new(a->main.layers, positions, t, spans, count, 0, d), mtp = { 0 };
     if (a->mtp.layers)
-        mtp = stack_call_new(a->mtp.layers, positions, t, spans, count, 0, d);
+        mtp = stack_call_new(a->mtp.layers, positions, t, spans, count, 1, d);
     const stack_call *with_mtp = a->mtp.layers ? &mtp : NULL;
     const int split = split_stack(a->main.layers, a->main.n_layers, t, d)
                       && (!with_mtp || split_stack(a->mtp.layers, a->mtp.n_layers, t, d));

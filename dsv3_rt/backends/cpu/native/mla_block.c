@@ -151,6 +151,21 @@ static void block_rows(const mla_call *c, long c0, long c1, long q0, long q1) {
     project(&a->o, heads_out, c->out + q0 * a->o.n, q1 - q0);
 }
 
+/* c's row tables for its spans: the rows that go on past the cache, their positions (pos [m]) and spans (att). */
+static void query_rows(mla_call *c) {
+    int64_t *pos = malloc(c->m * sizeof(int64_t));
+    long *att = malloc(4 * c->count * sizeof(long));
+    for (long s = 0; s < c->count; s++) {
+        const long *span = c->spans + 4 * s;  /* slot, start, row offset, length */
+        const long n = span[3], first = c->last_only ? span[2] + n - 1 : span[2], rows = c->last_only ? 1 : n;
+        const long at = c->last_only ? s : span[2];
+        memcpy(pos + at, c->positions + first, rows * sizeof(int64_t));
+        const long query[4] = { span[0], span[1] + n - rows, at, rows };
+        memcpy(att + 4 * s, query, sizeof query);
+    }
+    c->pos = pos, c->att = att;
+}
+
 /* A call's buffers and row tables for t rows (m of them query rows) of this block's shapes; layers.c shares one
  * between the layers of a stack, whose blocks all have these shapes. */
 mla_call *dsv3_mla_call_new(const block_args *a, const int64_t *positions, long t, const long *spans, long count,
@@ -158,17 +173,9 @@ mla_call *dsv3_mla_call_new(const block_args *a, const int64_t *positions, long 
     const long heads = a->heads, dn = a->dn, dr = a->dr, r = a->r, qw = dn + dr, d = a->kv_a.k;
     const long m = last_only ? count : t, lora = a->q_a.data ? a->q_a.n : 0;
     mla_call *c = calloc(1, sizeof(mla_call));
-    int64_t *pos = malloc(m * sizeof(int64_t));
-    long *att = malloc(4 * count * sizeof(long));
-    for (long s = 0; s < count; s++) {  /* the rows that go on past the cache: their positions and spans */
-        const long slot = spans[4 * s], start = spans[4 * s + 1], off = spans[4 * s + 2], n = spans[4 * s + 3];
-        const long first = last_only ? off + n - 1 : off, rows = last_only ? 1 : n, at = last_only ? s : off;
-        memcpy(pos + at, positions + first, rows * sizeof(int64_t));
-        const long span[4] = { slot, start + n - rows, at, rows };
-        memcpy(att + 4 * s, span, sizeof span);
-    }
-    c->a = a, c->positions = positions, c->spans = spans, c->att = att, c->pos = pos;
+    c->a = a, c->positions = positions, c->spans = spans;
     c->t = t, c->m = m, c->count = count, c->last_only = last_only;
+    query_rows(c);
     c->x = malloc(t * d * sizeof(float));
     c->xm = malloc(m * d * sizeof(float));
     c->kv = malloc(t * (r + dr) * sizeof(float));
@@ -179,6 +186,23 @@ mla_call *dsv3_mla_call_new(const block_args *a, const int64_t *positions, long 
     c->q_pe = c->pe + m * heads * dr;
     c->written = calloc(omp_get_max_threads(), sizeof(long));
     return c;
+}
+
+/* A thread's own view of a last_only call c with each sequence's span cut to spans (a greedy step's confirmed rows,
+ * known once the step's tokens are: layers.c): c's buffers, with row tables of its own (the same in every thread). Only
+ * the spans' rows enter the cache, and each one's last goes on. Freed by dsv3_mla_view_free. */
+mla_call *dsv3_mla_view(const mla_call *c, const long *spans) {
+    mla_call *v = malloc(sizeof *v);
+    *v = *c;
+    v->spans = spans;
+    query_rows(v);
+    return v;
+}
+
+void dsv3_mla_view_free(mla_call *v) {
+    free((long *)v->att);
+    free(v->pos);
+    free(v);
 }
 
 void dsv3_mla_call_free(mla_call *c) {

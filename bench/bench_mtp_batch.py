@@ -1,0 +1,98 @@
+"""MTP speculative decoding in batches: greedy decode of several sequences at once, with and without MTP drafts.
+
+Not a test. On the embedded default model (int8, 2 threads): for each batch size, the same prompts decode a fixed number
+of tokens each (EOS ignored) with plain greedy decoding and with `mtp=k`, the settings alternating in each round, and
+the speedup is the median over rounds of each round's tok/s ratio; every output must equal plain greedy decoding. A
+greedy MTP step runs the module past its cache only at each sequence's last confirmed row, so what the module costs
+a step grows with the sequences, not with their drafts. bench_mtp.py is the batch-1 benchmark (the issue's target).
+Writes bench/results/mtp-batch-<date>.json.
+
+    python bench/bench_mtp_batch.py                    # batches 1 and 4, k = 1 and 3, 8 rounds
+    python bench/bench_mtp_batch.py --batches 4 --ks 1 --rounds 12
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from results_path import write_json
+
+THREADS = 2
+NEW_TOKENS = 64
+PROMPTS = ["def parse_args(argv):\n", "def read_lines(path):\n    with open(path) as f:\n",
+           "class Config:\n    def __init__(self, path, strict=False):\n", "def is_prime(n):\n    if n < 2:\n"]
+
+
+def decode(model, prompts: list[list[int]], k: int) -> tuple[float, list[list[int]]]:  # noqa: ANN001
+    """tok/s of one batched greedy decode (the prefill step not timed) and each sequence's tokens."""
+    import torch
+
+    from dsv3_rt.core.sampling import SamplingParams
+
+    engine = model.engine(max_batch=len(prompts), max_len=max(map(len, prompts)) + NEW_TOKENS + k + 2, mtp=k)
+    seqs = [engine.submit(p, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)) for p in prompts]
+    with torch.inference_mode():
+        engine.step()
+        t0 = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        seconds = time.perf_counter() - t0
+    return sum(len(s.generated) - 1 for s in seqs) / seconds, [list(s.generated) for s in seqs]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,4", help="comma-separated batch sizes (at most 4)")
+    ap.add_argument("--ks", default="1,3", help="comma-separated draft counts")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/mtp-batch-<date>.json)")
+    args = ap.parse_args()
+    import torch
+
+    import dsv3_rt
+    from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
+    from dsv3_rt.core.tokenizer import load_tokenizer
+
+    torch.set_num_threads(THREADS)
+    model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype="int8", progress=False)
+    tok = load_tokenizer(model.checkpoint)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(dsv3_rt.__file__).parent).stdout.strip()
+    print(f"bench_mtp_batch: dsv3_rt at {Path(dsv3_rt.__file__).parent} ({commit or 'no git'}), int8, {THREADS} threads, "
+          f"{NEW_TOKENS} new tokens a sequence, load average {os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    for batch in map(int, args.batches.split(",")):
+        prompts = [tok.encode(t, add_bos=True) for t in PROMPTS[:batch]]
+        for k in map(int, args.ks.split(",")):
+            decode(model, prompts, 0), decode(model, prompts, k)  # warm-up
+            plain, mtp, same = [], [], True
+            for r in range(args.rounds):
+                for setting in ((0, k) if r % 2 == 0 else (k, 0)):
+                    rate, outs = decode(model, prompts, setting)
+                    (mtp if setting else plain).append(rate)
+                    if setting == 0:
+                        reference = outs
+                    else:
+                        got = outs
+                same &= got == reference
+            speedup = statistics.median(b / a for a, b in zip(plain, mtp))
+            results.append({"batch": batch, "k": k, "plain_tok_s": statistics.median(plain),
+                            "mtp_tok_s": statistics.median(mtp), "speedup": speedup, "identical": same})
+            print(f"  batch {batch}, k = {k}: plain {statistics.median(plain):7.1f} tok/s, mtp {statistics.median(mtp):7.1f} "
+                  f"tok/s, speedup {speedup:.2f}x (median of {args.rounds} rounds), outputs identical: {same}", flush=True)
+    write_json({"benchmark": "mtp-batch", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                            "load_avg_after": os.getloadavg()},
+                "threads": THREADS, "new_tokens": NEW_TOKENS, "rounds": args.rounds, "results": results},
+               "mtp-batch", args.out)
+    return 0 if all(r["identical"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
