@@ -2,10 +2,13 @@
 
 Not a test. On the embedded default model (int8, 2 threads): for each batch size, the same prompts decode a fixed number
 of tokens each (EOS ignored) with plain greedy decoding and with `mtp=k`, the settings alternating in each round, and
-the speedup is the median over rounds of each round's tok/s ratio; every output must equal plain greedy decoding. A
-greedy MTP step runs the module past its cache only at each sequence's last confirmed row, so what the module costs
-a step grows with the sequences, not with their drafts. bench_mtp.py is the batch-1 benchmark (the issue's target).
-Writes bench/results/mtp-batch-<date>.json.
+the speedup is the median over rounds of each round's tok/s ratio; every output must equal plain greedy decoding. Then,
+in place, one greedy verification step of k + 1 rows a sequence (each first draft the main model's token, so kept, the
+others not), with and without the next draft, alternating: what drafting adds to the step, as a share of it (the
+median over rounds of each round's ratio, which a shared VM's drift moves far less than the decode's tok/s). A greedy
+MTP step runs the module past its cache only at each sequence's last confirmed row, so what the module costs a step
+grows with the sequences, not with their drafts. bench_mtp.py is the batch-1 benchmark (the issue's target). Writes
+bench/results/mtp-batch-<date>.json.
 
     python bench/bench_mtp_batch.py                    # batches 1 and 4, k = 1 and 3, 8 rounds
     python bench/bench_mtp_batch.py --batches 4 --ks 1 --rounds 12
@@ -46,6 +49,35 @@ def decode(model, prompts: list[list[int]], k: int) -> tuple[float, list[list[in
     return sum(len(s.generated) - 1 for s in seqs) / seconds, [list(s.generated) for s in seqs]
 
 
+def draft_share(model, batch: int, k: int, rounds: int, reps: int = 10) -> float:  # noqa: ANN001
+    """What the next draft adds to a greedy verification step of `batch` sequences with k drafts each, in place (16
+    tokens into each sequence), as a share of the step without it."""
+    import torch
+
+    from dsv3_rt.core.batch import AttnBatch, int64_tensor
+
+    g = model.graph
+    cache, prompt = g.new_cache(batch, 64), torch.arange(20, 36)
+    prefill = AttnBatch.build(list(range(batch)), [0] * batch, [16] * batch)
+    with torch.inference_mode():
+        hidden = g.forward(prompt.repeat(batch), prefill, cache)
+        g.mtp(0, hidden, prompt.roll(-1).repeat(batch), prefill, cache, every_position=True)
+        first = g.greedy_step(int64_tensor([5] * batch), AttnBatch.build(list(range(batch)), [16] * batch, [1] * batch),
+                              cache)[0]
+        ids = int64_tensor([t for b in range(batch) for t in [5, int(first[b])] + [7] * (k - 1)])
+        verify = AttnBatch.build(list(range(batch)), [16] * batch, [k + 1] * batch)
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(rounds):
+            for draft in ((False, True) if r % 2 == 0 else (True, False)):
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    g.greedy_step(ids, verify, cache, draft)
+                    times.append(time.perf_counter() - t0)
+                seconds[draft].append(statistics.median(times))
+    return statistics.median(b / a - 1 for a, b in zip(seconds[False], seconds[True]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,4", help="comma-separated batch sizes (at most 4)")
@@ -82,10 +114,13 @@ def main() -> int:
                         got = outs
                 same &= got == reference
             speedup = statistics.median(b / a for a, b in zip(plain, mtp))
+            share = draft_share(model, batch, k, 4 * args.rounds)
             results.append({"batch": batch, "k": k, "plain_tok_s": statistics.median(plain),
-                            "mtp_tok_s": statistics.median(mtp), "speedup": speedup, "identical": same})
+                            "mtp_tok_s": statistics.median(mtp), "speedup": speedup, "identical": same,
+                            "draft_share_of_verification": share})
             print(f"  batch {batch}, k = {k}: plain {statistics.median(plain):7.1f} tok/s, mtp {statistics.median(mtp):7.1f} "
-                  f"tok/s, speedup {speedup:.2f}x (median of {args.rounds} rounds), outputs identical: {same}", flush=True)
+                  f"tok/s, speedup {speedup:.2f}x (median of {args.rounds} rounds), outputs identical: {same}; in place, "
+                  f"the next draft adds {share:.3f} of the verification step", flush=True)
     write_json({"benchmark": "mtp-batch", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                             "load_avg_after": os.getloadavg()},
