@@ -307,10 +307,11 @@ static void step_rows(const step_args *a, const stack_call *main, const stack_ca
     dsv3_embedding_int8(a->main.embed, a->main.embed_scale, ids + r0, x + r0 * d, rows, d);
     stack_rows(a->main.layers, a->main.n_layers, main->c, x, a->main.norm, eps, spans, count, 0, d, main->bufs, normed,
                mtp ? work[3] : stream, r0, r1, r0, r1);
-    int64_t *picked = mtp && id ? malloc(t * sizeof(int64_t)) : tokens;  /* every row's token, this thread's copy */
-    part_head(&a->main, normed, t, d, value, id, tokens, r0, r1, mtp && id ? picked : NULL);
+    int64_t *every = mtp && id ? malloc(t * sizeof(int64_t)) : NULL;  /* a team's: every row's token, this thread's copy */
+    part_head(&a->main, normed, t, d, value, id, tokens, r0, r1, every);
     if (!mtp)
         return;
+    const int64_t *picked = every ? every : tokens;
     long q0 = 0, q1 = count;  /* the module's query rows: each sequence's last confirmed row */
     if (id)
         dsv3_share(count, omp_get_thread_num(), omp_get_num_threads(), &q0, &q1);
@@ -327,8 +328,7 @@ static void step_rows(const step_args *a, const stack_call *main, const stack_ca
     part_head(&a->mtp, mtp_normed, count, d, value, id, drafts, q0, q1, NULL);
     dsv3_mla_view_free(view);
     free(kept);
-    if (picked != tokens)
-        free(picked);
+    free(every);
 }
 
 /* Kernels.greedy_step: ids [t] (each sequence's last token and its drafts) through the embedding, the main stack and its
