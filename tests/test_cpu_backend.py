@@ -370,6 +370,7 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("op,dtype", [("decoder_layers", "int8"), ("mla_block", "int8"), ("moe_block", "int8"),
                                       ("moe_block", "int4")])
 def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
@@ -377,7 +378,8 @@ def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
     block as one C call where the stack is not one: the same outputs and cache, bit for bit, as composing the
     backend's own ops (the reference Kernels.decoder_layers / mla_block / moe_block over them). With 2 threads the
     default model's blocks of 2+ rows give each thread rows of its own (native/team.h), a row attending to the
-    latents another thread wrote. (At int4 the default model's
+    latents another thread wrote; an MTP step over fewer sequences than threads shares its MoE block's experts between
+    them (dsv3_moe_team_rows; 2 threads and 1 sequence, 3 threads and 2), against one thread's rows op by op. (At int4 the default model's
     q_b and o do not tile, so its MLA blocks, and with them its stack, compose; conformance's cases tile at int4.)"""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")

@@ -27,6 +27,9 @@ long dsv3_mla_row_work(const block_args *a);
 void dsv3_moe_rows(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
                    float *stream, long t, float *out);
 long dsv3_moe_row_work(const moe_args *a);
+void dsv3_moe_team_rows(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
+                        float *stream, long t, float *out, long r0, long r1, float *scratch);
+long dsv3_moe_team_floats(const moe_args *a, long t);
 void dsv3_add_rms_norm(const float *x, const float *residual, const float *w, float *y, float *sum, long m, long d,
                        float eps);
 void dsv3_mlp(int bits, const float *x, long m, long d, long inter, const void *gate, const void *gate_scale,
@@ -57,7 +60,9 @@ static int split_stack(const layer_args *layers, long n_layers, long t, long d) 
 }
 
 /* The stack over cache rows [c0, c1) and query rows [q0, q1) (of t and m): one thread's share, or all of them. c is
- * the MLA blocks' shared call; buffers as in dsv3_decoder_layers, each thread writing its own rows only. */
+ * the MLA blocks' shared call; buffers as in dsv3_decoder_layers, each thread writing its own rows only; bufs[6], with
+ * last_only: the team's scratch for an MoE block over fewer query rows than threads (dsv3_moe_team_rows), which every
+ * thread then runs over all of them. */
 static void stack_rows(const layer_args *layers, long n_layers, mla_call *c, const float *h, const float *norm, float eps,
                        const long *spans, long count, int last_only, long d, float *const *bufs, float *normed,
                        float *stream, long c0, long c1, long q0, long q1) {
@@ -75,7 +80,10 @@ static void stack_rows(const layer_args *layers, long n_layers, mla_call *c, con
                 memcpy(last + q * d, r + (spans[4 * q + 2] + spans[4 * q + 3] - 1) * d, d * sizeof(float));
             r = last;
         }
-        if (rows > 0) {
+        if (bufs[6] && l->moe && count < omp_get_num_threads()) {
+            #pragma omp barrier  /* every query row's attn and last, which each thread now reads */
+            dsv3_moe_team_rows(l->moe, attn, r, l->ffn_norm, eps, s, count, o, q0, q1, bufs[6]);
+        } else if (rows > 0) {
             if (l->moe) {
                 dsv3_moe_rows(l->moe, attn + q0 * d, r + q0 * d, l->ffn_norm, eps, s + q0 * d, rows, o + q0 * d);
             } else {
@@ -91,19 +99,21 @@ static void stack_rows(const layer_args *layers, long n_layers, mla_call *c, con
         dsv3_add_rms_norm(cur + q0 * d, residual + q0 * d, norm, normed + q0 * d, stream + q0 * d, rows, d, eps);
 }
 
-/* A stack call's buffers: the scratch stack_rows writes (attn, x, attn_stream [t], last, next) and the MLA blocks' shared
- * call, for t rows (m = count with last_only, else t). */
+/* A stack call's buffers: the scratch stack_rows writes (attn, x, attn_stream [t], last, next; with last_only over an
+ * MoE layer, the team's MoE scratch) and the MLA blocks' shared call, for t rows (m = count with last_only, else t). */
 typedef struct {
-    float *scratch, *bufs[6];
+    float *scratch, *bufs[7];
     mla_call *c;
 } stack_call;
 
 static stack_call stack_call_new(const layer_args *layers, const int64_t *positions, long t, const long *spans, long count,
                                  int last_only, long d) {
     const long m = last_only ? count : t;
-    stack_call s = { malloc((5 * m + t) * d * sizeof(float)), { NULL }, NULL };
+    const long team_moe = last_only && layers[0].moe ? dsv3_moe_team_floats(layers[0].moe, m) : 0;  /* (one layer) */
+    stack_call s = { malloc(((5 * m + t) * d + team_moe) * sizeof(float)), { NULL }, NULL };
     float *b = s.scratch;
-    float *bufs[6] = { b, b + m * d, b + 2 * m * d, b + (2 * m + t) * d, b + (3 * m + t) * d, b + (4 * m + t) * d };
+    float *bufs[7] = { b, b + m * d, b + 2 * m * d, b + (2 * m + t) * d, b + (3 * m + t) * d, b + (4 * m + t) * d,
+                       team_moe ? b + (5 * m + t) * d : NULL };
     memcpy(s.bufs, bufs, sizeof bufs);
     s.c = dsv3_mla_call_new(layers[0].mla, positions, t, spans, count, last_only);
     return s;

@@ -199,46 +199,104 @@ void dsv3_mlp(int bits, const float *x, long m, long d, long inter, const void *
     swiglu(bits, 1, &x, &m, &g, &u, &w, &y, d, inter);
 }
 
+/* A MoE layer's held (token, slot) pairs grouped by expert: one SwiGLU MLP per selected expert over its tokens' rows
+ * (xs, ms, the expert's matrices), its outputs ys[i] [ms[i], d] rows of ye [held, d], pair order[r] at row r. */
+typedef struct {
+    long held, experts;
+    long *order;
+    float *xe, *ye;
+    const float **xs;
+    float **ys;
+    long *ms;
+    matrix *gs, *us, *ds;
+} expert_plan;
+
+/* The plan of the pairs (ids [t, topk]) whose experts are held (first .. first + count - 1), its rows of x gathered;
+ * ye: where the experts' outputs go ([held, d]; NULL: a buffer of the plan's own). */
+static expert_plan plan_experts(int bits, const float *x, const int64_t *ids, long t, long topk, long first, long count,
+                                long d, long inter, const void *gate, const void *gate_scale, const void *up,
+                                const void *up_scale, const void *down, const void *down_scale, float *ye) {
+    expert_plan p = { 0 };
+    const long pairs = t * topk;
+    p.order = malloc(pairs * sizeof(long));
+    for (long q = 0; q < pairs; q++) {  /* the held pairs, grouped by expert (stable insertion: pairs are few) */
+        if (ids[q] - first < 0 || ids[q] - first >= count) continue;
+        long at = p.held++;
+        while (at > 0 && ids[p.order[at - 1]] > ids[q]) { p.order[at] = p.order[at - 1]; at--; }
+        p.order[at] = q;
+    }
+    const long cap = p.held ? p.held : 1;
+    p.xe = malloc((ye ? 1 : 2) * cap * d * sizeof(float));
+    p.ye = ye ? ye : p.xe + cap * d;
+    p.xs = malloc(cap * sizeof(float *));
+    p.ys = malloc(cap * sizeof(float *));
+    p.ms = malloc(cap * sizeof(long));
+    p.gs = malloc(3 * cap * sizeof(matrix)), p.us = p.gs + cap, p.ds = p.us + cap;
+    for (long s = 0; s < p.held; p.experts++) {
+        const long e = ids[p.order[s]] - first, i = p.experts;
+        long rows = 0;
+        p.xs[i] = p.xe + s * d;
+        p.ys[i] = p.ye + s * d;
+        for (; s + rows < p.held && ids[p.order[s + rows]] - first == e; rows++)
+            memcpy(p.xe + (s + rows) * d, x + p.order[s + rows] / topk * d, d * sizeof(float));
+        p.ms[i] = rows;
+        p.gs[i] = pick(bits, gate, gate_scale, e, inter, d);
+        p.us[i] = pick(bits, up, up_scale, e, inter, d);
+        p.ds[i] = pick(bits, down, down_scale, e, d, inter);
+        s += rows;
+    }
+    return p;
+}
+
+static void plan_free(expert_plan *p) {
+    free(p->gs);
+    free(p->ms);
+    free(p->ys);
+    free(p->xs);
+    free(p->xe);
+    free(p->order);
+}
+
+/* out rows [r0, r1) of [t, d] = their pairs' weights * expert outputs, summed in the plan's order. */
+static void sum_experts(const expert_plan *p, const float *weights, long topk, long d, float *out, long r0, long r1) {
+    memset(out + r0 * d, 0, (r1 - r0) * d * sizeof(float));
+    for (long r = 0; r < p->held; r++) {
+        const long row = p->order[r] / topk;
+        if (row < r0 || row >= r1) continue;
+        float w = weights[p->order[r]], *o = out + row * d;
+        for (long c = 0; c < d; c++) o[c] += w * p->ye[r * d + c];
+    }
+}
+
 /* out [t, d] = sum over (token, slot) of weights * expert ids - first, for the held experts. */
 void dsv3_moe_experts(int bits, const float *x, const int64_t *ids, const float *weights, long t, long topk,
                       long first, long count, long d, long inter, const void *gate, const void *gate_scale,
                       const void *up, const void *up_scale, const void *down, const void *down_scale, float *out) {
-    memset(out, 0, t * d * sizeof(float));
-    long pairs = t * topk, held = 0, experts = 0;
-    long *order = malloc(pairs * sizeof(long));
-    for (long p = 0; p < pairs; p++) {  /* the held pairs, grouped by expert (stable insertion: pairs are few) */
-        if (ids[p] - first < 0 || ids[p] - first >= count) continue;
-        long at = held++;
-        while (at > 0 && ids[order[at - 1]] > ids[p]) { order[at] = order[at - 1]; at--; }
-        order[at] = p;
-    }
-    long cap = held ? held : 1;
-    float *xe = malloc(2 * cap * d * sizeof(float)), *ye = xe + held * d;
-    const float **xs = malloc(cap * sizeof(float *));
-    float **ys = malloc(cap * sizeof(float *));
-    long *ms = malloc(cap * sizeof(long));
-    matrix *gs = malloc(3 * cap * sizeof(matrix)), *us = gs + cap, *ds = us + cap;
-    for (long s = 0; s < held; experts++) {  /* one MLP per selected expert over its tokens' rows */
-        long e = ids[order[s]] - first, rows = 0;
-        xs[experts] = xe + s * d;
-        ys[experts] = ye + s * d;
-        for (; s + rows < held && ids[order[s + rows]] - first == e; rows++)
-            memcpy(xe + (s + rows) * d, x + order[s + rows] / topk * d, d * sizeof(float));
-        ms[experts] = rows;
-        gs[experts] = pick(bits, gate, gate_scale, e, inter, d);
-        us[experts] = pick(bits, up, up_scale, e, inter, d);
-        ds[experts] = pick(bits, down, down_scale, e, d, inter);
-        s += rows;
-    }
-    swiglu(bits, experts, xs, ms, gs, us, ds, ys, d, inter);
-    for (long r = 0; r < held; r++) {
-        float w = weights[order[r]], *o = out + order[r] / topk * d;
-        for (long c = 0; c < d; c++) o[c] += w * ye[r * d + c];
-    }
-    free(gs);
-    free(ms);
-    free(ys);
-    free(xs);
-    free(xe);
-    free(order);
+    expert_plan p = plan_experts(bits, x, ids, t, topk, first, count, d, inter, gate, gate_scale, up, up_scale, down,
+                                 down_scale, NULL);
+    swiglu(bits, p.experts, p.xs, p.ms, p.gs, p.us, p.ds, p.ys, d, inter);
+    sum_experts(&p, weights, topk, d, out, 0, t);
+    plan_free(&p);
+}
+
+/* dsv3_moe_experts, and the shared expert (shared_inter 0: none) into shared [t, d], for a team: each thread plans
+ * every pair (the same plan), runs the MLPs i = its id, its id + threads, ... of the selected experts and then the
+ * shared one, writing their outputs where the team reads them (ye [t * topk, d]), and after a barrier sums its rows
+ * [r0, r1) of out. Each MLP's rows are the sums one thread would make, so out is bit for bit dsv3_moe_experts's. */
+void dsv3_moe_experts_team(int bits, const float *x, const int64_t *ids, const float *weights, long t, long topk,
+                           long first, long count, long d, long inter, const void *gate, const void *gate_scale,
+                           const void *up, const void *up_scale, const void *down, const void *down_scale,
+                           long shared_inter, const void *const *shared, float *shared_out, float *ye, float *out,
+                           long r0, long r1) {
+    const long me = omp_get_thread_num(), threads = omp_get_num_threads();
+    expert_plan p = plan_experts(bits, x, ids, t, topk, first, count, d, inter, gate, gate_scale, up, up_scale, down,
+                                 down_scale, ye);
+    for (long i = me; i < p.experts; i += threads)
+        swiglu(bits, 1, &p.xs[i], &p.ms[i], &p.gs[i], &p.us[i], &p.ds[i], &p.ys[i], d, inter);
+    if (shared_inter && p.experts % threads == me)
+        dsv3_mlp(bits, x, t, d, shared_inter, shared[0], shared[1], shared[2], shared[3], shared[4], shared[5],
+                 shared_out);
+    #pragma omp barrier
+    sum_experts(&p, weights, topk, d, out, r0, r1);
+    plan_free(&p);
 }

@@ -7,6 +7,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "team.h"
 
@@ -16,6 +17,11 @@ void dsv3_moe_route(const float *x, const float *gate, const float *bias, long t
 void dsv3_moe_experts(int bits, const float *x, const int64_t *ids, const float *weights, long t, long topk,
                       long first, long count, long d, long inter, const void *gate, const void *gate_scale,
                       const void *up, const void *up_scale, const void *down, const void *down_scale, float *out);
+void dsv3_moe_experts_team(int bits, const float *x, const int64_t *ids, const float *weights, long t, long topk,
+                           long first, long count, long d, long inter, const void *gate, const void *gate_scale,
+                           const void *up, const void *up_scale, const void *down, const void *down_scale,
+                           long shared_inter, const void *const *shared, float *shared_out, float *ye, float *out,
+                           long r0, long r1);
 void dsv3_add_rms_norm(const float *x, const float *residual, const float *w, float *y, float *sum, long m, long d,
                        float eps);
 void dsv3_mlp(int bits, const float *x, long m, long d, long inter, const void *gate, const void *gate_scale,
@@ -55,6 +61,41 @@ void dsv3_moe_rows(const moe_args *a, const float *h, const float *residual, con
     free(ids);
     free(weights);
     free(x);
+}
+
+/* dsv3_moe_rows over t rows shared by a team whose threads outnumber them (an MTP module's query rows: one per
+ * sequence), called by every thread with all t rows once each row's h and residual are written: each normalises and
+ * routes every row (the same sums, in a buffer of its own), the selected experts and the shared expert go to the
+ * threads in turn (dsv3_moe_experts_team), and each writes its rows [r0, r1) of stream and out. Without it a k = 1
+ * step's one MTP row ran its three experts one after the other while the other thread waited; with it the default
+ * model's block took 8.9 instead of 10.9 us on the row's thread (in-C timing, 8 alternating rounds). scratch
+ * [(t * top_k + t) * d], the team's. */
+void dsv3_moe_team_rows(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
+                        float *stream, long t, float *out, long r0, long r1, float *scratch) {
+    const long d = a->d;
+    float *x = malloc(2 * t * d * sizeof(float)), *sum = x + t * d;
+    dsv3_add_rms_norm(h, residual, norm, x, sum, t, d, eps);
+    memcpy(stream + r0 * d, sum + r0 * d, (r1 - r0) * d * sizeof(float));
+    float *weights = malloc(t * a->top_k * sizeof(float));
+    int64_t *ids = malloc(t * a->top_k * sizeof(int64_t));
+    dsv3_moe_route(x, a->router, a->bias, t, d, a->e, a->top_k, a->n_group, a->topk_group, a->scoring, a->group_score,
+                   a->normalize, a->scaling, weights, ids);
+    const void *shared[6] = { a->shared_gate, a->shared_gate_scale, a->shared_up, a->shared_up_scale, a->shared_down,
+                              a->shared_down_scale };
+    float *shared_out = scratch + t * a->top_k * d;
+    dsv3_moe_experts_team(a->bits, x, ids, weights, t, a->top_k, a->first, a->count, d, a->inter, a->gate, a->gate_scale,
+                          a->up, a->up_scale, a->down, a->down_scale, a->shared_gate ? a->shared_inter : 0, shared,
+                          shared_out, scratch, out, r0, r1);
+    if (a->shared_gate)
+        for (long i = r0 * d; i < r1 * d; i++) out[i] += shared_out[i];
+    free(ids);
+    free(weights);
+    free(x);
+}
+
+/* The floats of dsv3_moe_team_rows's scratch over t rows. */
+long dsv3_moe_team_floats(const moe_args *a, long t) {
+    return (t * a->top_k + t) * a->d;
 }
 
 /* A row's largest pass: the gate and up products of its routed experts, or of the shared expert (team.h). */
