@@ -10,7 +10,10 @@ and stay frozen) with the loss
     KL(p_main(. | t_0..t_{i+1}) || q_mtp(. | h_i, t_{i+1}))  +  --ce-weight * CE(q_mtp, argmax p_main)
 
 on random 256-token windows of the TRAIN split only (tools/tiny_data.py: every 20th stdlib file by sorted path
-is held out and never seen here). The main model is the shipped checkpoint itself, dequantized from FP8 to fp32
+is held out and never seen here). With --greedy-share F, that fraction of each batch's windows are instead the main
+model's own greedy continuations of random train-split prompts (--greedy-prompt tokens, continued to a whole window
+by dsv3_rt, cpu backend, int8): the states a greedy decode actually visits, where a draft is accepted or not. Such a
+run also monitors the agreement on the continuations of held-out prompts (continued tokens only). The main model is the shipped checkpoint itself, dequantized from FP8 to fp32
 (what the runtime computes), so the targets are the shipped model's predictions. The MTP router's
 auxiliary-loss-free balancing bias keeps being updated (MTP router only). Fixed seeds; 1 thread by default.
 
@@ -108,6 +111,21 @@ def data(ckpt: Path):
     return train, held, len(train_files), len(held_files)
 
 
+def greedy_windows(ckpt: Path, stream: np.ndarray, count: int, prompt: int, length: int, seed: int) -> np.ndarray:
+    """[count, length] int64: random `prompt`-token windows of `stream`, each continued greedily to `length` tokens
+    by the checkpoint's main model (dsv3_rt, cpu backend, int8, batches of 16)."""
+    import dsv3_rt
+    from dsv3_rt.core.sampling import SamplingParams
+
+    starts = np.random.default_rng(seed).integers(0, len(stream) - prompt, size=count)
+    engine = dsv3_rt.load(str(ckpt), backend="cpu", dtype="int8", progress=False).engine(max_batch=16, max_len=length)
+    params = SamplingParams(max_new_tokens=length - prompt, ignore_eos=True)
+    seqs = [engine.submit(stream[s:s + prompt].tolist(), params) for s in starts]
+    while engine.has_work:
+        engine.step()
+    return np.stack([np.asarray(s.tokens, dtype=np.int64) for s in seqs])
+
+
 def mtp_logits(model: TinyDeepseekV3, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(main logits at positions 1.. [B, S-1, V], MTP logits at positions 0..S-2 [B, S-1, V]) for ids [B, S]:
     MTP row i (given h_i, t_{i+1}) is compared with main row i (the main model at position i+1)."""
@@ -119,22 +137,37 @@ def mtp_logits(model: TinyDeepseekV3, ids: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate(model: TinyDeepseekV3, windows: list[np.ndarray]) -> dict:
-    """On the training model (fp32): MTP argmax == main argmax at i+1 (agreement), == data token i+2 (top-1)."""
+def evaluate(model: TinyDeepseekV3, windows: list[np.ndarray], skip: int = 0) -> dict:
+    """On the training model (fp32): MTP argmax == main argmax at i+1 (agreement), == data token i+2 (top-1), over
+    MTP rows skip.. of each window (skip: a greedy window's prompt, whose rows are not what a decode visits)."""
     model.eval()
     agree = top1 = n = 0
     kl = 0.0
     for w in windows:
         ids = torch.from_numpy(w.astype(np.int64))[None]
         main, mtp = mtp_logits(model, ids)
-        pm, qm = main[0].argmax(-1), mtp[0].argmax(-1)
+        main, mtp = main[0, skip:], mtp[0, skip:]
+        pm, qm = main.argmax(-1), mtp.argmax(-1)
         agree += int((pm == qm).sum())
-        top1 += int((qm[:-1] == ids[0, 2:]).sum())
-        kl += float(torch.nn.functional.kl_div(mtp[0].log_softmax(-1), main[0].log_softmax(-1), log_target=True,
+        top1 += int((qm[:-1] == ids[0, skip + 2:]).sum())
+        kl += float(torch.nn.functional.kl_div(mtp.log_softmax(-1), main.log_softmax(-1), log_target=True,
                                                reduction="sum"))
         n += len(qm)
     model.mtp.train()
     return {"agreement": agree / n, "top1": top1 / (n - len(windows)), "kl": kl / n}
+
+
+def monitor(model: TinyDeepseekV3, held: list[np.ndarray], greedy_held: np.ndarray | None, prompt: int) -> dict:
+    """evaluate on the held-out windows, and (greedy_*) on the held-out greedy continuations' continued rows."""
+    r = evaluate(model, held)
+    if greedy_held is not None:
+        r.update({f"greedy_{k}": v for k, v in evaluate(model, list(greedy_held), skip=prompt - 1).items()})
+    return r
+
+
+def describe(step: int, r: dict) -> str:
+    out = f"step {step} held-out agreement {r['agreement']:.4f} top1 {r['top1']:.4f} kl {r['kl']:.4f}"
+    return out + (f" greedy agreement {r['greedy_agreement']:.4f} kl {r['greedy_kl']:.4f}" if "greedy_agreement" in r else "")
 
 
 def trainable(model: TinyDeepseekV3) -> list[torch.nn.Parameter]:
@@ -150,7 +183,7 @@ def distil(args: argparse.Namespace) -> None:
     ckpt = Path(args.out)
     model = load_checkpoint(ckpt)
     train, held, n_train, n_held = data(ckpt)
-    monitor = eval_windows(held, EVAL_LEN, args.eval_windows)
+    held_windows = eval_windows(held, EVAL_LEN, args.eval_windows)
     log = open(work / "distill.log", "a")
 
     def say(msg: str) -> None:
@@ -159,7 +192,16 @@ def distil(args: argparse.Namespace) -> None:
         log.flush()
 
     say(f"distil MTP: files train={n_train} held-out={n_held} ({HELDOUT_RULE}); train tokens={len(train)}; "
-        f"monitor on the first {len(monitor)} held-out windows; {vars(args)}")
+        f"monitor on the first {len(held_windows)} held-out windows; {vars(args)}")
+    greedy = greedy_held = None
+    if args.greedy_share > 0:
+        t = time.time()
+        greedy = greedy_windows(ckpt, train, args.greedy_windows, args.greedy_prompt, args.seq + 1, SEED)
+        greedy_held = greedy_windows(ckpt, held, args.eval_windows * 2, args.greedy_prompt, args.seq + 1, SEED + 1)
+        say(f"greedy continuations: {len(greedy)} of train-split prompts, {len(greedy_held)} of held-out ones "
+            f"({args.greedy_prompt} prompt tokens each, {time.time() - t:.0f}s)")
+        torch.set_num_threads(args.threads)  # (dsv3_rt.load set its own)
+    n_greedy = round(args.greedy_share * args.batch)
     params = trainable(model)
     model.main.eval()
     model.mtp.train()
@@ -173,8 +215,8 @@ def distil(args: argparse.Namespace) -> None:
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
-    before = evaluate(model, monitor)
-    say(f"step 0 held-out agreement {before['agreement']:.4f} top1 {before['top1']:.4f} kl {before['kl']:.4f}")
+    before = monitor(model, held_windows, greedy_held, args.greedy_prompt)
+    say(describe(0, before))
     history = [{"step": 0, "seconds": 0.0, **before}]
     t0 = time.time()
     budget = args.minutes * 60
@@ -185,8 +227,11 @@ def distil(args: argparse.Namespace) -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        starts = rng.integers(0, len(train) - args.seq - 1, size=args.batch)
-        ids = torch.from_numpy(np.stack([train[s:s + args.seq + 1] for s in starts]).astype(np.int64))
+        starts = rng.integers(0, len(train) - args.seq - 1, size=args.batch - n_greedy)
+        rows = [train[s:s + args.seq + 1].astype(np.int64) for s in starts]
+        if n_greedy:
+            rows += list(greedy[rng.integers(0, len(greedy), size=n_greedy)])
+        ids = torch.from_numpy(np.stack(rows))
         main, mtp = mtp_logits(model, ids)
         v = main.shape[-1]
         logq = mtp.reshape(-1, v).log_softmax(-1)
@@ -210,15 +255,14 @@ def distil(args: argparse.Namespace) -> None:
                 f"mtp expert max/mean {float(load.max() / load.mean()):.2f} "
                 f"tok/s {step * args.batch * args.seq / el:.0f} elapsed {el:.0f}s")
         if step % args.eval_every == 0:
-            r = evaluate(model, monitor)
+            r = monitor(model, held_windows, greedy_held, args.greedy_prompt)
             history.append({"step": step, "seconds": round(el, 1), **r})
-            say(f"step {step} held-out agreement {r['agreement']:.4f} top1 {r['top1']:.4f} kl {r['kl']:.4f}")
+            say(describe(step, r))
             save(work, model, args, step, el, history, before)
-    r = evaluate(model, monitor)
+    r = monitor(model, held_windows, greedy_held, args.greedy_prompt)
     el = time.time() - t0
     history.append({"step": step, "seconds": round(el, 1), **r})
-    say(f"done: step {step} held-out agreement {r['agreement']:.4f} top1 {r['top1']:.4f} kl {r['kl']:.4f} "
-        f"({el:.0f}s)")
+    say(f"done: {describe(step, r)} ({el:.0f}s)")
     save(work, model, args, step, el, history, before)
 
 
@@ -226,6 +270,7 @@ def save(work: Path, model: TinyDeepseekV3, args, steps: int, seconds: float, hi
     meta = {"steps": steps, "train_seconds": round(seconds, 1), "tokens": steps * args.batch * args.seq,
             "batch": args.batch, "seq": args.seq, "lr": args.lr, "warmup": args.warmup, "wd": args.wd,
             "ce_weight": args.ce_weight, "bias_rate": args.bias_rate, "minutes": args.minutes,
+            "greedy_share": args.greedy_share, "greedy_windows": args.greedy_windows, "greedy_prompt": args.greedy_prompt,
             "threads": args.threads, "seed": SEED, "monitor_windows": args.eval_windows, "history": history,
             "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])}
     torch.save({"mtp": model.mtp.state_dict(), "meta": meta}, work / "mtp_state.pt.tmp")
@@ -261,8 +306,10 @@ def export(args: argparse.Namespace) -> None:
     train, held, _, _ = data(ckpt)
     windows = eval_windows(held, EVAL_LEN)
     quality = json.loads((ckpt / "quality.json").read_text())
-    if "mtp_distillation" in quality:  # exporting again: "before" is the module trained by train_tiny.py
-        old = {"perplexity": quality["perplexity"], **quality["mtp_distillation"]["before"]}
+    # a run on the main model's greedy continuations is a second stage, recorded beside the first
+    key = "mtp_greedy_distillation" if meta.get("greedy_share", 0) > 0 else "mtp_distillation"
+    if key in quality:  # exporting this stage again: "before" is the module the stage started from
+        old = {"perplexity": quality["perplexity"], **quality[key]["before"]}
     else:
         old = runtime_mtp_quality(ckpt, windows)  # the module being replaced, measured the same way
     print(f"before: {old}", flush=True)
@@ -292,21 +339,29 @@ def export(args: argparse.Namespace) -> None:
     quality["mtp_top1_accuracy"] = new["mtp_top1_accuracy"]
     quality["mtp_main_agreement"] = new["mtp_main_agreement"]
     history = meta.pop("history")
-    quality["mtp_distillation"] = {
-        "what": "MTP module only fine-tuned toward the main model's own distribution at i+1 (KL + ce_weight * CE on "
-                "its argmax), main model frozen and bit-identical; train split only (tools/distill_mtp.py)",
+    what = ("MTP module only fine-tuned toward the main model's own distribution at i+1 (KL + ce_weight * CE on its "
+            "argmax), main model frozen and bit-identical; train split only (tools/distill_mtp.py)")
+    if key == "mtp_greedy_distillation":
+        what += ("; then further, with greedy_share of each batch's windows the main model's own greedy continuations "
+                 "of train-split prompts (greedy_prompt tokens each): the states greedy decoding visits")
+    quality[key] = {
+        "what": what,
         "before": {"mtp_top1_accuracy": old["mtp_top1_accuracy"], "mtp_main_agreement": old["mtp_main_agreement"]},
         "after": {"mtp_top1_accuracy": new["mtp_top1_accuracy"], "mtp_main_agreement": new["mtp_main_agreement"]},
         "main_tensors_bit_identical": len(same),
         **meta,
-        "monitor": ("the first monitor_windows held-out windows, training model (fp32); every 500 steps and the last: "
-                    + "; ".join(f"step {h['step']}: agreement {h['agreement']:.4f} top1 {h['top1']:.4f} "
-                                f"kl {h['kl']:.4f}" for h in history if h["step"] % 500 == 0 or h is history[-1])),
+        "monitor": ("the first monitor_windows held-out windows, training model (fp32)"
+                    + (" (greedy: the continued rows of 2 * monitor_windows held-out prompts' greedy continuations)"
+                       if "greedy_agreement" in history[-1] else "") + "; every 500 steps and the last: "
+                    + "; ".join(describe(h["step"], h) for h in history
+                                if (h["step"] % 500 == 0 and h["step"] != history[-1]["step"]) or h is history[-1])),
     }
-    quality["commands"] = [c for c in quality.get("commands", []) if not c.startswith("python tools/distill_mtp.py")]
+    stage = "--greedy-share" in meta["command"]  # each stage's command once, in order
+    quality["commands"] = [c for c in quality.get("commands", [])
+                           if not (c.startswith("python tools/distill_mtp.py") and ("--greedy-share" in c) == stage)]
     quality["commands"].append(meta["command"])
     (ckpt / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
-    print(json.dumps(quality["mtp_distillation"], indent=2))
+    print(json.dumps(quality[key], indent=2))
 
 
 def main() -> None:
@@ -322,6 +377,10 @@ def main() -> None:
     ap.add_argument("--wd", type=float, default=0.1)
     ap.add_argument("--ce-weight", type=float, default=0.5, help="weight of CE on the main model's argmax")
     ap.add_argument("--bias-rate", type=float, default=1e-3)
+    ap.add_argument("--greedy-share", type=float, default=0.0,
+                    help="fraction of each batch from the main model's greedy continuations of train-split prompts")
+    ap.add_argument("--greedy-windows", type=int, default=4000, help="greedy continuations made (with --greedy-share)")
+    ap.add_argument("--greedy-prompt", type=int, default=32, help="prompt tokens of each greedy continuation")
     ap.add_argument("--eval-windows", type=int, default=32, help="held-out windows monitored during training")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--log-every", type=int, default=10)
