@@ -10,12 +10,14 @@ and stay frozen) with the loss
     KL(p_main(. | t_0..t_{i+1}) || q_mtp(. | h_i, t_{i+1}))  +  --ce-weight * CE(q_mtp, argmax p_main)
 
 on random 256-token windows of the TRAIN split only (tools/tiny_data.py: every 20th stdlib file by sorted path
-is held out and never seen here). With --greedy-share F, that fraction of each batch's windows are instead the main
-model's own greedy continuations of random train-split prompts (--greedy-prompt tokens, continued to a whole window
-by dsv3_rt, cpu backend, int8): the states a greedy decode actually visits, where a draft is accepted or not. Such a
-run also monitors the agreement on the continuations of held-out prompts (continued tokens only). The main model is the shipped checkpoint itself, dequantized from FP8 to fp32
+is held out and never seen here). The main model is the shipped checkpoint itself, dequantized from FP8 to fp32
 (what the runtime computes), so the targets are the shipped model's predictions. The MTP router's
 auxiliary-loss-free balancing bias keeps being updated (MTP router only). Fixed seeds; 1 thread by default.
+
+With --greedy-share F, that fraction of each batch's windows are instead the main model's own greedy continuations
+of random train-split prompts (--greedy-prompt tokens, continued to a whole window by dsv3_rt, cpu backend, int8):
+the states a greedy decode visits, where a draft is accepted or not. Such a run also monitors the agreement on the
+continued rows of greedy continuations of held-out prompts.
 
 Export (`--export`, after training): the shipped model.safetensors with only the MTP tensors
 (model.layers.{num_hidden_layers}.*) replaced, converted by tools/tiny_export.py's own `hf_tensors` +
@@ -23,15 +25,17 @@ Export (`--export`, after training): the shipped model.safetensors with only the
 tensor is copied byte for byte and verified by hashing. quality.json's MTP numbers are re-measured through
 dsv3_rt (reference backend, fp32, all held-out windows): "mtp_top1_accuracy" (vs the data's token i+2, as
 before) and "mtp_main_agreement" (vs the main model's argmax at i+1: the greedy acceptance on held-out text);
-the perplexity is re-measured too and must not change. The run is recorded under "mtp_distillation" and its
-command appended to "commands".
+the perplexity is re-measured too and must not change. The run is recorded under "mtp_distillation" (with
+--greedy-share: "mtp_greedy_distillation", a second stage beside the first) and its command appended to "commands".
 
     python tools/distill_mtp.py --eval-only                 # agreement / top-1 of the shipped MTP module
     python tools/distill_mtp.py --minutes 40 --export       # distil (work files in runs/distill_mtp), export
     python tools/distill_mtp.py --export-only               # export runs/distill_mtp/mtp_state.pt again
 
 The shipped module was produced by `python tools/distill_mtp.py --minutes 40 --export` (2774 steps; quality.json
-"mtp_distillation") from the checkpoint tools/train_tiny.py exports. It distils the module it finds in --out, so
+"mtp_distillation") from the checkpoint tools/train_tiny.py exports, then by `python tools/distill_mtp.py --minutes
+1e9 --steps 2500 --lr 3e-4 --greedy-share 0.5 --greedy-windows 8000 --threads 2` and `--export-only`
+("mtp_greedy_distillation"). It distils the module it finds in --out, so
 run it on that export to reproduce (on an already distilled checkpoint it continues from the distilled module).
 With --minutes binding, the lr schedule (warm-up, cosine to 10 %) follows elapsed time, so a rerun repeats the
 procedure but not the exact step count; `--steps N --minutes 1e9` gives a step-based, deterministic schedule.
@@ -166,8 +170,11 @@ def monitor(model: TinyDeepseekV3, held: list[np.ndarray], greedy_held: np.ndarr
 
 
 def describe(step: int, r: dict) -> str:
+    """One line of the log (and of quality.json's monitor) for monitor's result r."""
     out = f"step {step} held-out agreement {r['agreement']:.4f} top1 {r['top1']:.4f} kl {r['kl']:.4f}"
-    return out + (f" greedy agreement {r['greedy_agreement']:.4f} kl {r['greedy_kl']:.4f}" if "greedy_agreement" in r else "")
+    if "greedy_agreement" in r:
+        out += f" greedy agreement {r['greedy_agreement']:.4f} kl {r['greedy_kl']:.4f}"
+    return out
 
 
 def trainable(model: TinyDeepseekV3) -> list[torch.nn.Parameter]:
@@ -270,7 +277,8 @@ def save(work: Path, model: TinyDeepseekV3, args, steps: int, seconds: float, hi
     meta = {"steps": steps, "train_seconds": round(seconds, 1), "tokens": steps * args.batch * args.seq,
             "batch": args.batch, "seq": args.seq, "lr": args.lr, "warmup": args.warmup, "wd": args.wd,
             "ce_weight": args.ce_weight, "bias_rate": args.bias_rate, "minutes": args.minutes,
-            "greedy_share": args.greedy_share, "greedy_windows": args.greedy_windows, "greedy_prompt": args.greedy_prompt,
+            "greedy_share": args.greedy_share, "greedy_windows": args.greedy_windows,
+            "greedy_prompt": args.greedy_prompt,
             "threads": args.threads, "seed": SEED, "monitor_windows": args.eval_windows, "history": history,
             "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])}
     torch.save({"mtp": model.mtp.state_dict(), "meta": meta}, work / "mtp_state.pt.tmp")
