@@ -24,12 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench_mtp import PROMPTS, THREADS
 from results_path import write_json
 
-THREADS = 2
 NEW_TOKENS = 64
-PROMPTS = ["def parse_args(argv):\n", "def read_lines(path):\n    with open(path) as f:\n",
-           "class Config:\n    def __init__(self, path, strict=False):\n", "def is_prime(n):\n    if n < 2:\n"]
 
 
 def decode(model, prompts: list[list[int]], k: int) -> tuple[float, list[list[int]]]:  # noqa: ANN001
@@ -80,7 +78,7 @@ def draft_share(model, batch: int, k: int, rounds: int, reps: int = 10) -> float
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,4", help="comma-separated batch sizes (at most 4)")
+    ap.add_argument("--batches", default="1,4", help=f"comma-separated batch sizes (at most {len(PROMPTS)})")
     ap.add_argument("--ks", default="1,3", help="comma-separated draft counts")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/mtp-batch-<date>.json)")

@@ -199,6 +199,7 @@ mla_call *dsv3_mla_view(const mla_call *c, const long *spans) {
     return v;
 }
 
+/* A view's row tables and itself: all a view owns, and what a call owns besides its buffers. */
 void dsv3_mla_view_free(mla_call *v) {
     free((long *)v->att);
     free(v->pos);
@@ -213,9 +214,7 @@ void dsv3_mla_call_free(mla_call *c) {
     free(c->kv);
     free(c->xm);
     free(c->x);
-    free((long *)c->att);
-    free(c->pos);
-    free(c);
+    dsv3_mla_view_free(c);
 }
 
 /* The block `a` over cache rows [c0, c1) and query rows [q0, q1) of a call's buffers (see block_rows): every thread
