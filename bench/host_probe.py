@@ -12,6 +12,7 @@ second notices. The probe runs before and after a benchmark run; moments change 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import statistics
@@ -30,11 +31,14 @@ def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    out = Path(tempfile.mkdtemp(prefix="dsv3rt-probe-")) / "host_probe.so"
-    done = subprocess.run([compiler, "-O2", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(out)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        return None
+    flags = ["-O2", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"dsv3rt-host-probe-{key}.so"  # built once per source and compiler
+    if not out.is_file():
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        if subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True).returncode != 0:
+            return None
+        tmp.replace(out)
     lib = ctypes.CDLL(str(out))
     lib.host_pingpong_ns.restype, lib.host_pingpong_ns.argtypes = ctypes.c_double, [ctypes.c_long]
     lib.host_compute_seconds.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_double)]
