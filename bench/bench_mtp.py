@@ -11,7 +11,7 @@ where the time goes and what k = 1 would gain if nothing but the kernels took ti
 is timed in place over 1 token, 2 tokens and 2 tokens with the next draft (`step_costs`): what a k = 1 step adds to a
 plain one, split between verifying a second token and drafting the next with the MTP module. Before and after each run,
 `host_probe.py` measures how the host runs the two threads (a cache line's round trip between them, and each one's
-compute slowdown beside the other), and the speedups are also given per host state: on a shared VM a k = 1 step,
+compute and read slowdown beside the other), and the speedups are also given per host state: on a shared VM a k = 1 step,
 which keeps both threads busy and talking, costs 1.25 plain steps where the vCPUs sit on idle cores that share an L3
 and 1.5-1.8 where they do not. Targets: >= 1.4x at k = 1 and acceptance >= 60% on the dtype whose plain decoding is
 fastest, over every run. Writes bench/results/mtp-<date>.json.
@@ -205,9 +205,9 @@ def bench_dtype(model_dir: str, backend: str, dtype: str, prompts: list[list[int
         per_step_ms["step"] = 1e3 * sum(r["seconds"] for r in prof) / prof_steps
         per_step_ms["rest"] = per_step_ms["step"] - per_step_ms["model step"] - per_step_ms["chained drafts"]
         t = totals[k]
-        settings[k] = {"tok_s": statistics.median(rates[k]), "runs_tok_s": rates[k],
-                       "speedup": statistics.median(a / b for a, b in zip(rates[k], rates[0])),  # per run, then median
-                       "speedup_by_host": _by_host(hosts, [a / b for a, b in zip(rates[k], rates[0])]),
+        ratios = [a / b for a, b in zip(rates[k], rates[0])]  # each run's speedup
+        settings[k] = {"tok_s": statistics.median(rates[k]), "runs_tok_s": rates[k], "speedup": statistics.median(ratios),
+                       "speedup_by_host": _by_host(hosts, ratios),
                        "acceptance": t["accepted"] / t["drafted"] if t["drafted"] else None,
                        "tokens_per_step": t["decoded"] / t["steps"], "outputs": outs[k], "per_step_ms": per_step_ms,
                        "identical_prompts": sum(a == b for a, b in zip(outs[k], outs[0]))}
@@ -232,6 +232,12 @@ def _by_host(hosts: list[dict], ratios: list[float]) -> dict[str, dict]:
     for h, r in zip(hosts, ratios):
         by[h["state"]].append(r)
     return {name: {"median": statistics.median(v), "runs": len(v)} for name, v in sorted(by.items())}
+
+
+def _by_host_text(by_host: dict[str, dict], runs: int | None = None) -> str:
+    """_by_host's medians as "state 1.23x (n runs)" (or "n of `runs` runs")."""
+    return ", ".join(f"{name} {v['median']:.2f}x ({v['runs']}{f' of {runs}' if runs else ''} runs)"
+                     for name, v in by_host.items())
 
 
 def _host_line(h: dict) -> str:
@@ -260,8 +266,7 @@ def print_dtype(res: dict, n_prompts: int) -> None:
     print(f"  host per run (state: cache-line round trip before/after the run, the threads' largest slowdown beside "
           f"each other, bench/host_probe.py): "
           + "; ".join(_host_line(h) for h in res["host"]))
-    print("  k = 1 speedup by host state: " + ", ".join(f"{name} {v['median']:.2f}x ({v['runs']} runs)"
-                                                       for name, v in k1["speedup_by_host"].items()))
+    print("  k = 1 speedup by host state: " + _by_host_text(k1["speedup_by_host"]))
     cost = res["step_costs"]["seconds"]
     one = cost["1 token"]
     print(f"  one greedy step in place (median over runs): 1 token {1e3 * one:.3f} ms, 2 tokens {cost['2 tokens'] / one:.2f}x "
@@ -326,7 +331,7 @@ def main() -> int:
     print(f"  k = 1: speedup {k1['speedup']:.2f}x (target >= {TARGET_SPEEDUP}x), acceptance {100 * k1['acceptance']:.1f}% "
           f"(target >= {100 * TARGET_ACCEPTANCE:.0f}%): {verdict}")
     print("  the same by host state (bench/host_probe.py; the verdict takes every run): "
-          + ", ".join(f"{name} {v['median']:.2f}x ({v['runs']} of {runs} runs)" for name, v in k1["speedup_by_host"].items()))
+          + _by_host_text(k1["speedup_by_host"], runs))
     print(f"  a k = 1 step costs {ms1['step'] / ms0['step']:.2f}x a plain step ({ms1['step']:.2f} vs {ms0['step']:.2f} ms) "
           f"and yields {k1['tokens_per_step']:.2f} tokens: its model step (the main model over 2 tokens and the next "
           f"draft) {ms1['model step']:.2f} ms against {ms0['model step']:.2f} ms for 1 token, the engine's own work "

@@ -1,4 +1,4 @@
-/* Two measurements of how the host runs a process's first two threads right now (bench/host_probe.py). */
+/* Three measurements of how the host runs a process's first two threads right now (bench/host_probe.py). */
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>

@@ -14,12 +14,13 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+from dsv3_rt.backends.cpu.native import c_compiler
 
 SOURCE = Path(__file__).resolve().parent / "host_probe.c"
 NEIGHBOURS_NS = 150  # round trips below this: the two vCPUs share an L3
@@ -28,7 +29,7 @@ ALONE = 1.15  # each thread at most this much slower (or faster) beside the othe
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         return None
     flags = ["-O2", "-fopenmp", "-shared", "-fPIC"]

@@ -44,6 +44,11 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def c_compiler() -> str | None:
+    """The C compiler to build with: $CC, else cc or gcc on PATH; None where there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def _build(compiler: str) -> Path:
     """Compile SOURCES into one shared library named by a hash of everything that shapes it (the source,
     the flags, the compiler, the CPU -march=native targets); reuse it when it exists."""
@@ -74,7 +79,7 @@ def library() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() not in ("AVX512",):
         _reason = f"needs an x86-64 CPU with AVX-512 (this one: {platform.machine()}, torch sees {torch.backends.cpu.get_cpu_capability()})"
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         _reason = "no C compiler (cc/gcc) on PATH"
         return None
