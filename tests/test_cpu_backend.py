@@ -372,15 +372,15 @@ def threads(request):
 
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("op,dtype", [("decoder_layers", "int8"), ("mla_block", "int8"), ("moe_block", "int8"),
-                                      ("moe_block", "int4")])
+                                      ("moe_block", "int4"), ("decoder_layers", "int4")])
 def test_block_in_one_call_is_the_op_by_op_path(op, dtype, threads):
     """Decode, verify and MTP steps of several sequences run the whole stack of layers as one C call, and each MLA / MoE
     block as one C call where the stack is not one: the same outputs and cache, bit for bit, as composing the
     backend's own ops (the reference Kernels.decoder_layers / mla_block / moe_block over them). With 2 threads the
     default model's blocks of 2+ rows give each thread rows of its own (native/team.h), a row attending to the
     latents another thread wrote; an MTP step over fewer sequences than threads shares its MoE block's experts between
-    them (dsv3_moe_team_rows; 2 threads and 1 sequence, 3 threads and 2), against one thread's rows op by op. (At int4 the default model's
-    q_b and o do not tile, so its MLA blocks, and with them its stack, compose; conformance's cases tile at int4.)"""
+    them (dsv3_moe_team_rows; 2 threads and 1 sequence, 3 threads and 2), against one thread's rows op by op. At int4 the
+    stack mixes int4 tiles (its experts, q_a, kv_a) with int8 tiles (q_b and o, whose 96 columns the int4 tiles do not fit)."""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")
     if dtype == "int4" and not native.has_int4():
@@ -476,6 +476,26 @@ def _main_tokens(g, ids: torch.Tensor, batch: AttnBatch, cache) -> torch.Tensor:
     for a, b in zip(scratch.buffers, cache.buffers):
         a.copy_(b)
     return g.greedy_step(ids, batch, scratch, draft=False)[0]
+
+
+def test_int4_decode_takes_the_one_call_step_where_int4_tiles_do_not_fit():
+    """At int4 a matrix whose columns the 64-column int4 tiles do not fit (the default model's q_b and o: 96) is kept in
+    int8 tiles, which the C blocks read, instead of torch's int4 pack, which sent every decode step op by op (7x
+    slower); matrices that fit (its experts, q_a, kv_a) are int4 tiles."""
+    if native.library() is None or not native.has_int4():
+        pytest.skip(f"no 4-bit VNNI kernel here: {native.unavailable_reason() or 'no AVX-512 VNNI'}")
+    from dsv3_rt.backends.cpu import layers
+    from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
+
+    model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype="int4", progress=False)
+    g, attn = model.graph, model.graph.w.layers[1].attn
+    assert (attn.q_b.format, attn.o.format) == ("int8_tiles", "int8_tiles")
+    assert (attn.q_a.format, attn.kv_a.format, g.w.layers[1].ffn.experts.gate.format) == ("int4_tiles",) * 3
+    cache, prompt = g.new_cache(1, 32), AttnBatch.build([0], [0], [6])
+    g.forward(torch.arange(2, 8), prompt, cache)
+    step = layers.greedy_step(torch.tensor([9]), g.w, g.mla, g.router, model.config.rms_norm_eps, cache,
+                              AttnBatch.build([0], [6], [1]), False)
+    assert step is not None  # the C call ran
 
 
 @pytest.mark.parametrize("head", ["draft vocabulary", "whole vocabulary", "tied rows", "tied across shares", "module's own"])

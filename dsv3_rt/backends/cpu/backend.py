@@ -116,13 +116,17 @@ class CpuBackend(Kernels):
             return dense(self._widen(w))
         if self.dtype == "fp8":
             return w if w.format.startswith("fp8") else dense(self._widen(w))
+        tiled = usage != "embedding" and can_tile(w) and native.library() is not None
         if self.dtype == "int4" and usage in ("linear", "experts"):
             if native.has_int4() and can_tile_int4(w):
                 return quantize_int4_tiles_weight(w)  # a few rows at a time, as int8 below
-            return quantize_int4(w.dequantize(torch.float32))
+            if not tiled:
+                return quantize_int4(w.dequantize(torch.float32))
+            # a matrix whose shape the int4 tiles do not fit (a tiny model's 96 columns) but the int8 ones do stays int8
+            # tiles: the C blocks read those, where an int4_cpu matrix would send a decode step op by op (7x slower)
         # int8, and the int4 model's head and embedding (as llama.cpp keeps Q6_K): tiled for the C kernel, except
         # the embedding (row-major for its row gathers); converted a few rows at a time (`quantize_int8_weight`)
-        return quantize_int8_weight(w, tiled=usage != "embedding" and can_tile(w) and native.library() is not None)
+        return quantize_int8_weight(w, tiled=tiled)
 
     def _widen(self, w: Weight) -> torch.Tensor:
         """w in the compute dtype, converted a few rows at a time (no fp32 copy of a whole stack of experts)."""
