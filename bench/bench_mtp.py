@@ -16,7 +16,7 @@ which keeps both threads busy and talking, costs 1.25 plain steps where the vCPU
 and 1.5-1.8 where they do not. Targets: >= 1.4x at k = 1 and acceptance >= 60% on the dtype whose plain decoding is
 fastest, over every run. Writes bench/results/mtp-<date>.json.
 
-    python bench/bench_mtp.py            # 64 new tokens, 6 prompts, 5 runs, dtypes float32 bfloat16 int8
+    python bench/bench_mtp.py            # 64 new tokens, 6 prompts, 5 runs, dtypes float32 bfloat16 int8 int4
     python bench/bench_mtp.py --quick    # 32 new tokens, 4 prompts, 3 runs
 """
 from __future__ import annotations
@@ -278,7 +278,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 4 prompts, 3 runs")
     ap.add_argument("--model", default=None, help="checkpoint with an MTP module (default: the embedded default model)")
     ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--dtypes", default="float32,bfloat16,int8", help="comma-separated runtime dtypes to try")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8,int4", help="comma-separated runtime dtypes to try")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/mtp[-quick]-<date>.json)")
