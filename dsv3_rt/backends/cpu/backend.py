@@ -12,7 +12,8 @@ dequantised tensor by tensor, never as a whole BF16 model):
 | float32  | fp32                                  | fp32       | fp32      | fp32        |
 
 *int8_tiles for the C kernel (`native/`) where it builds (AVX-512 and a C compiler), else int8_rowwise for
-torch's `_weight_int8pack_mm`: the same values and scales either way. int8 runs fp32 activations between the
+torch's `_weight_int8pack_mm`: the same values and scales either way. At int4 a matrix the 64-column int4 tiles do
+not fit but the int8 tiles do stays int8 tiles (see `_convert`). int8 runs fp32 activations between the
 matmuls: at batch 1 torch's small bf16 ops (norms, attention over the latent, casts around every matmul) cost
 more than fp32 ones (measured on the bench preset: 44.8 -> 57.1 tok/s). Inside an int8 matmul they are rounded
 to int8 (per 64 columns at decode with AVX-512 VNNI, per row for prefill), see the tolerances below.
