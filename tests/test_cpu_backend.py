@@ -498,7 +498,8 @@ def test_int4_decode_takes_the_one_call_step_where_int4_tiles_do_not_fit():
     assert step is not None  # the C call ran
 
 
-@pytest.mark.parametrize("head", ["draft vocabulary", "whole vocabulary", "tied rows", "tied across shares", "module's own"])
+@pytest.mark.parametrize("head", ["draft vocabulary", "draft vocabulary at int4", "whole vocabulary", "tied rows",
+                                  "tied across shares", "module's own"])
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_greedy_step_in_one_call_is_the_composite(threads, head):
     """A decode step, and an MTP verification with the next draft, is one C call (`dsv3_greedy_step`: the embedding,
@@ -509,13 +510,17 @@ def test_greedy_step_in_one_call_is_the_composite(threads, head):
     threads each takes its rows through the step and the heads' vocabulary is split between them; with 3, a 2-row step
     leaves one thread without rows. The default model drafts over its draft vocabulary, from a head arranged for it
     (`draft_head.py`), or over the whole vocabulary, or with a head of the module's own (a checkpoint's
-    shared_head.head) from its draft head; with tied rows every argmax is a tie, which the lower token wins."""
+    shared_head.head) from its draft head; with tied rows every argmax is a tie, which the lower token wins. At int4 the
+    stacks mix int4 and int8 tiles."""
     if native.library() is None:
         pytest.skip(f"no C kernels: {native.unavailable_reason()}")
+    int4 = head.endswith("at int4")
+    if int4 and not native.has_int4():
+        pytest.skip("no AVX-512 VNNI: the 4-bit kernel is not built")
     from dsv3_rt.backends.cpu import layers
     from dsv3_rt.core.default_model import DEFAULT_MODEL_DIR
 
-    model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype="int8", progress=False)
+    model = dsv3_rt.load(str(DEFAULT_MODEL_DIR), backend="cpu", dtype="int4" if int4 else "int8", progress=False)
     g, k = model.graph, model.kernels
     m = g.w.mtp[0]
     assert m.draft_ids is not None  # the shipped draft vocabulary
