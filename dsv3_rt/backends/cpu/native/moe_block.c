@@ -40,6 +40,12 @@ typedef struct moe_args {
     const void *shared_gate, *shared_gate_scale, *shared_up, *shared_up_scale, *shared_down, *shared_down_scale;
 } moe_args;
 
+/* DeepSeek's router under a's settings: weights and ids [t, top_k] for the normed rows x [t, d]. */
+static void route(const moe_args *a, const float *x, long t, float *weights, int64_t *ids) {
+    dsv3_moe_route(x, a->router, a->bias, t, a->d, a->e, a->top_k, a->n_group, a->topk_group, a->scoring, a->group_score,
+                   a->normalize, a->scaling, weights, ids);
+}
+
 /* The block over rows of h, residual, stream and out [t, d] (layers.c runs each thread's share of a stack's rows). */
 void dsv3_moe_rows(const moe_args *a, const float *h, const float *residual, const float *norm, float eps,
                    float *stream, long t, float *out) {
@@ -49,8 +55,7 @@ void dsv3_moe_rows(const moe_args *a, const float *h, const float *residual, con
     float *weights = malloc(t * a->top_k * sizeof(float) + (a->shared_gate ? t * d * sizeof(float) : 0));
     float *shared = weights + t * a->top_k;
     int64_t *ids = malloc(t * a->top_k * sizeof(int64_t));
-    dsv3_moe_route(x, a->router, a->bias, t, d, a->e, a->top_k, a->n_group, a->topk_group, a->scoring, a->group_score,
-                   a->normalize, a->scaling, weights, ids);
+    route(a, x, t, weights, ids);
     dsv3_moe_experts(a->bits, x, ids, weights, t, a->top_k, a->first, a->count, d, a->inter, a->gate, a->gate_scale,
                      a->up, a->up_scale, a->down, a->down_scale, out);
     if (a->shared_gate) {
@@ -78,8 +83,7 @@ void dsv3_moe_team_rows(const moe_args *a, const float *h, const float *residual
     memcpy(stream + r0 * d, sum + r0 * d, (r1 - r0) * d * sizeof(float));
     float *weights = malloc(t * a->top_k * sizeof(float));
     int64_t *ids = malloc(t * a->top_k * sizeof(int64_t));
-    dsv3_moe_route(x, a->router, a->bias, t, d, a->e, a->top_k, a->n_group, a->topk_group, a->scoring, a->group_score,
-                   a->normalize, a->scaling, weights, ids);
+    route(a, x, t, weights, ids);
     const void *shared[6] = { a->shared_gate, a->shared_gate_scale, a->shared_up, a->shared_up_scale, a->shared_down,
                               a->shared_down_scale };
     float *shared_out = scratch + t * a->top_k * d;
