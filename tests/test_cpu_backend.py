@@ -71,9 +71,9 @@ needs_native = pytest.mark.skipif(native.library() is None, reason=f"no C kernel
 
 
 @needs_native
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])  # the kernel shares one widened weight vector by up to 4 rows
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])  # the kernel shares one weight vector by up to 4 rows
 def test_int8_tiles_kernel_is_the_dequantised_matmul(m):  # 208 columns: not a multiple of 64
-    w = quantize_int8(torch.randn(3, 40, 208) * 0.02)  # a stack of 3 experts
+    w = quantize_int8(torch.randn(3, 44, 208) * 0.02)  # a stack of 3 experts, each 2 blocks of 16 rows and one of 12
     tiles = tile_int8(w)
     assert torch.equal(untile_int8(tiles.data), w.data) and torch.equal(tiles.dequantize(), w.dequantize())
     from dsv3_rt.backends.cpu.matmul import int8_tiles_matmul
@@ -86,7 +86,7 @@ def test_int8_tiles_kernel_is_the_dequantised_matmul(m):  # 208 columns: not a m
 
 
 @needs_native
-@pytest.mark.parametrize("vocab", [1000, 4096])  # 1000 = 62 x 16 + 8: a masked last step
+@pytest.mark.parametrize("vocab", [1000, 4096])  # 1000 = 62 x 16 + 8: a last block of 8 rows
 def test_greedy_tokens_is_the_first_argmax_of_the_c_logits(vocab):
     """Kernels.greedy_tokens on an int8-tiled head: the C call's ids are torch's first argmax of the same kernel's
     logits, ties to the lowest id (duplicated head rows tie exactly), and it returns None for an untiled head."""
@@ -153,7 +153,7 @@ def test_int4_tiles_kernel_is_llama_cpp_style_int8_activation_dot(m):
 @pytest.mark.skipif(not native.has_int4(), reason=f"no VNNI kernels here: {native.unavailable_reason() or 'no AVX-512 VNNI'}")
 @pytest.mark.parametrize("m", [1, 2, 5])
 @pytest.mark.parametrize("k", [256, 96, 208])  # whole 64-column groups, or a short last group per row
-@pytest.mark.parametrize("n", [40, 44])  # an even and an odd number of 4-row tiles (from 2 rows they go in pairs)
+@pytest.mark.parametrize("n", [48, 64, 44])  # an odd and an even number of 16-row blocks, a last block of 12 rows
 def test_int8_tiles_kernel_with_vnni_rounds_activations_per_64(m, k, n):
     """With VNNI, x is rounded per 64-column group as for int4 (a row's last group shorter where k % 64 != 0),
     and the sums are exact int32."""
@@ -169,7 +169,7 @@ def test_int8_tiles_kernel_with_vnni_rounds_activations_per_64(m, k, n):
 
 @pytest.mark.skipif(not native.has_int4(), reason=f"no VNNI kernels here: {native.unavailable_reason() or 'no AVX-512 VNNI'}")
 @pytest.mark.parametrize("m", [1, 5, 130, 300])
-@pytest.mark.parametrize("n", [40, 44])  # an even and an odd number of 4-row tiles (the kernel pairs them)
+@pytest.mark.parametrize("n", [48, 64, 44, 60])  # blocks of 16 rows (the kernel pairs them), and one of 12 after 2 or 3
 def test_int8_w8a8_kernel_is_torch_int_mm_form(m, n):
     """The prefill W8A8 product in C equals its torch form bit for bit: x rounded per row (step amax / 127, half to
     even), torch's exact int32 GEMM on the untiled weight, then the activation and weight scales."""

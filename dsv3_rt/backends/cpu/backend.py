@@ -5,7 +5,7 @@ dequantised tensor by tensor, never as a whole BF16 model):
 
 | dtype    | linear / experts                      | head       | embedding | activations |
 |----------|---------------------------------------|------------|-----------|-------------|
-| int8     | int8 per-row, bf16 scale, 4x16 tiles* | int8 tiles*| int8      | fp32        |
+| int8     | int8 per-row, bf16 scale, 16x4 tiles* | int8 tiles*| int8      | fp32        |
 | int4     | 4-bit per 64-group, bf16 scale+zero   | int8 tiles*| int8      | bf16        |
 | bfloat16 | bf16                                  | bf16       | bf16      | bf16        |
 | fp8      | FP8 e4m3 + 128x128 scales as shipped, widened on use | bf16 | bf16 | bf16       |

@@ -28,7 +28,7 @@ class ArrangedHead:
 
 
 def arrange_head(head: Weight, draft_ids: torch.Tensor, threads: int) -> ArrangedHead:
-    """`head` (int8_tiles) with each of `threads` shares (its 4-row tiles split as the C call's dsv3_share does)
+    """`head` (int8_tiles) with each of `threads` shares (its 16-row blocks split as the C call's dsv3_share does)
     holding a proportional, ascending run of `draft_ids` first and then the other rows in token order."""
     vocab = head.shape[0]
     starts = [TILE_ROWS * (vocab // TILE_ROWS * j // threads) for j in range(threads + 1)]

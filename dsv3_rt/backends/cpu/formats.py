@@ -1,8 +1,8 @@
 """The cpu backend's runtime weight formats, laid out for torch's CPU weight-only kernels.
 
 - "int8_rowwise" (the core format) with **bf16** scales: what `aten._weight_int8pack_mm` reads.
-- "int8_tiles" (registered here): the same values and scales with the rows interleaved in tiles of 4 rows x
-  16 columns, the layout the C kernel (`native/int8_tiles.c`) streams in address order.
+- "int8_tiles" (registered here): the same values and scales in blocks of 16 rows, 4 columns of the 16 rows at a
+  time (64 bytes, one vector), the layout the C kernel (`native/int8_tiles.c`) streams in address order.
 - "int4_tiles" (registered here): 4-bit per 64-group with bf16 scale and minimum, w = q * scale + min, in
   tiles of 16 rows x 64 columns of 576 bytes each (scales, minimums, nibbles; see `native/int4_tiles.c`).
 - "int4_cpu" (registered here): asymmetric 4-bit per group of `group` input channels, packed by
@@ -47,28 +47,44 @@ def quantize_int8(w: torch.Tensor) -> Weight:
     return Weight("int8_rowwise", q.contiguous(), tuple(w.shape), scale.contiguous())
 
 
-TILE_ROWS, TILE_COLS = 4, 16
+TILE_ROWS, TILE_COLS = 16, 4  # a block's rows; the columns of one 64-byte chunk of them
+TILED_K_STEP = 16  # the C kernels take K in steps of 16 columns
 
 #: bits per weight of the tiled formats the C kernels read (`native/mlp.c`, `native/mla_block.c`)
 TILED_BITS = {"int8_tiles": 8, "int4_tiles": 4}
 
 
 def can_tile(w: Weight) -> bool:
-    return w.shape[-2] % TILE_ROWS == 0 and w.shape[-1] % TILE_COLS == 0
+    return w.shape[-1] % TILED_K_STEP == 0
+
+
+def _blocks(rows: torch.Tensor, to_tiles: bool) -> torch.Tensor:
+    """[.., R, K] rows (R % 16 == 0, or a matrix's last rows) to the int8_tiles byte order, or back: each block of 16
+    rows [.., 16, K/4, 4] <-> [.., K/4, 16, 4], then a last block of the last R % 16 rows the same way."""
+    *lead, r, k = rows.shape
+    full = r - r % TILE_ROWS
+
+    def reorder(part: torch.Tensor, height: int) -> torch.Tensor:  # [.., B * height, K], blocks `height` rows high
+        blocks = part.shape[-2] // height
+        inner = (height, k // TILE_COLS) if to_tiles else (k // TILE_COLS, height)
+        return part.reshape(*lead, blocks, *inner, TILE_COLS).transpose(-3, -2).reshape(*lead, blocks * height, k)
+
+    parts = [reorder(rows[..., :full, :], TILE_ROWS)] if full else []
+    if full < r:
+        parts.append(reorder(rows[..., full:, :], r - full))
+    return torch.cat(parts, dim=-2)
 
 
 def tile_int8(w: Weight) -> Weight:
-    """int8_rowwise [.., N, K] -> int8_tiles: byte order [.., N/4, K/16, 4, 16] (`can_tile(w)` must hold)."""
-    *lead, n, k = w.data.shape
-    tiles = w.data.view(*lead, n // TILE_ROWS, TILE_ROWS, k // TILE_COLS, TILE_COLS).transpose(-3, -2)
-    return Weight("int8_tiles", tiles.contiguous().view(*lead, n, k), w.shape, w.scale)
+    """int8_rowwise [.., N, K] -> int8_tiles: byte order [.., N/16, K/4, 16, 4], the last block [K/4, N % 16, 4]
+    where N % 16 != 0 (`can_tile(w)` must hold)."""
+    return Weight("int8_tiles", _blocks(w.data, True), w.shape, w.scale)
 
 
 def untile_int8(data: torch.Tensor) -> torch.Tensor:
-    """The [.., N, K] row-major int8 matrix an int8_tiles weight holds."""
-    *lead, n, k = data.shape
-    tiles = data.view(*lead, n // TILE_ROWS, k // TILE_COLS, TILE_ROWS, TILE_COLS)
-    return tiles.transpose(-3, -2).reshape(*lead, n, k)
+    """The [.., N, K] row-major int8 matrix an int8_tiles weight holds (or rows r0:r1 of it, given data[r0:r1] with
+    r0 % 16 == 0 and r1 % 16 == 0 or r1 = N)."""
+    return _blocks(data, False)
 
 
 @register_format("int8_tiles")
@@ -160,9 +176,8 @@ def quantize_int8_weight(w: Weight, tiled: bool) -> Weight:
     for idx, r0, r1, part in row_blocks(w, TILE_ROWS if tiled else 1):
         q = quantize_int8(part.dequantize(torch.float32))
         scale[idx][r0:r1] = q.scale
-        if tiled:  # rows r0:r1 (r0 % 4 == 0) are one contiguous run of whole tiles
-            tiles = q.data.view((r1 - r0) // TILE_ROWS, TILE_ROWS, k // TILE_COLS, TILE_COLS).transpose(1, 2)
-            data[idx].view(n // TILE_ROWS, k // TILE_COLS, TILE_ROWS, TILE_COLS)[r0 // TILE_ROWS: r1 // TILE_ROWS] = tiles
+        if tiled:  # rows r0:r1 (r0 % 16 == 0, r1 % 16 == 0 or r1 = n) are one contiguous run of their blocks
+            data[idx][r0:r1] = _blocks(q.data, True)
         else:
             data[idx][r0:r1] = q.data
     return Weight("int8_tiles" if tiled else "int8_rowwise", data, tuple(w.shape), scale)

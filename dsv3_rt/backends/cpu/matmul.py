@@ -136,7 +136,7 @@ def int8_tiles_argmax(x: torch.Tensor, w: Weight) -> torch.Tensor | None:
     if w.format != "int8_tiles" or x.dtype != torch.float32 or x.shape[0] >= INT8_C_ROWS or native.library() is None:
         return None
     xf = x.contiguous()
-    (n, k), ids = w.data.shape, torch.empty(x.shape[0], dtype=torch.int64)
+    (n, k), ids = w.shape, torch.empty(x.shape[0], dtype=torch.int64)
     native.library().dsv3_tiles_argmax(8, xf.data_ptr(), w.data.data_ptr(), w.scale.data_ptr(), ids.data_ptr(), xf.shape[0], n, k)
     return ids
 

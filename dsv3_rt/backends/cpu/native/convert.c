@@ -1,7 +1,7 @@
 /* Load-time conversion of a checkpoint matrix into the cpu backend's formats, with the roundings of formats.py:
  * - int8 (formats.quantize_int8): per row, scale = amax / 127 rounded up to bf16 (so the bf16 scale the kernels read
  *   is the one the values were rounded for), q = round-half-even(w / scale) clamped to +-127; the values row-major
- *   ("int8_rowwise") or in tiles of 4 rows x 16 columns ("int8_tiles", see int8_tiles.c);
+ *   ("int8_rowwise") or in blocks of 16 rows, 4 columns at a time ("int8_tiles", see int8_tiles.c);
  * - int4 (formats.quantize_int4_tiles): per row and 64 columns, min rounded down to bf16, scale = (max - min) / 15
  *   rounded up to bf16, q = round-half-even((w - min) / scale) clamped to 0..15, in tiles of 16 rows x 64 columns
  *   (see int4_tiles.c).
@@ -72,7 +72,7 @@ static float source_row(int kind, const void *src, const float *table, const flo
     return _mm512_reduce_max_ps(top);
 }
 
-/* out: n x k int8 (tiled: k % 16 == 0 and n % 4 == 0), scale_out: n bf16. */
+/* out: n x k int8 (tiled: k % 16 == 0), scale_out: n bf16. */
 void dsv3_quantize_int8(int kind, const void *src, const float *table, const float *block_scale, long bn, long bk,
                         long n, long k, int tiled, int8_t *out, uint16_t *scale_out) {
     #pragma omp parallel
@@ -89,9 +89,17 @@ void dsv3_quantize_int8(int kind, const void *src, const float *table, const flo
                 __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + c), s),
                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
-                int8_t *dst = tiled ? out + ((r / 4) * (k / 16) + c / 16) * 64 + (r % 4) * 16 : out + r * k + c;
                 /* the register form and a byte store: vpmovsdb to memory is microcoded on AMD's Zen 4 */
-                _mm_mask_storeu_epi8(dst, lanes, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+                const __m128i bytes = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q));
+                if (!tiled) {
+                    _mm_mask_storeu_epi8(out + r * k + c, lanes, bytes);
+                    continue;
+                }
+                /* 4 columns in each of 4 chunks of the row's block, which holds `rows` rows (fewer in a last one) */
+                const long rows = n - r / 16 * 16 < 16 ? n - r / 16 * 16 : 16;
+                int8_t four[16], *dst = out + (r / 16) * 16 * k + (c / 4) * rows * 4 + (r % 16) * 4;
+                _mm_storeu_si128((__m128i *)four, bytes);
+                for (int j = 0; j < 4; j++) memcpy(dst + rows * 4 * j, four + 4 * j, 4);
             }
         }
         free(x);

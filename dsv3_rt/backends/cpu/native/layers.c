@@ -157,7 +157,7 @@ long dsv3_argmax(const float *y, long n);
 
 /* A stack with its embedding (int8_rowwise [vocab, d]: int8 rows, bf16 scales), final norm and head (int8_tiles,
  * `vocab` rows). head_ids: each head row's token (NULL: row i is token i). segments: the rows a head's argmax scores,
- * n_segments (first row, rows) pairs shared out between the threads in order (NULL: every row, the 4-row tiles shared
+ * n_segments (first row, rows) pairs shared out between the threads in order (NULL: every row, the 16-row blocks shared
  * evenly). A draft vocabulary makes both: a head whose rows are arranged so that each thread's share of the main head
  * begins with its share of the draft rows, which the draft then scores while the main head has left them in cache. */
 typedef struct {
@@ -202,20 +202,21 @@ static long token_argmax(const float *y, long n, const int64_t *ids) {
     return i;
 }
 
-/* Rows [first, first + n) of m's head against x [t, d] (whole 4-row tiles, the first n scored): each row's best
+/* Rows [first, first + n) of m's head against x [t, d] (whole 16-row blocks, the first n scored): each row's best
  * token folded into value, id [t]. */
 static void score_rows(const model_part *m, const float *x, long t, long d, long first, long n, float *value, int64_t *id) {
     if (n <= 0)
         return;
-    const long n4 = (n + 3) & ~3L;
+    /* whole blocks: n up to a multiple of 16 rows, or to the head's end (whose last block may hold fewer) */
+    const long up = (n + 15) & ~15L, rows = up < m->vocab - first ? up : m->vocab - first;
     const int64_t *ids = m->head_ids ? m->head_ids + first : NULL;
-    float *y = malloc(t * n4 * sizeof(float));
-    dsv3_tiles_matmul(8, x, (const int8_t *)m->head + first * d, (const uint16_t *)m->head_scale + first, y, t, n4, d);
+    float *y = malloc(t * rows * sizeof(float));
+    dsv3_tiles_matmul(8, x, (const int8_t *)m->head + first * d, (const uint16_t *)m->head_scale + first, y, t, rows, d);
     for (long r = 0; r < t; r++) {
-        const long i = token_argmax(y + r * n4, n, ids);
+        const long i = token_argmax(y + r * rows, n, ids);
         const int64_t token = ids ? ids[i] : first + i;
-        if (beats(y[r * n4 + i], token, value[r], id[r]))
-            value[r] = y[r * n4 + i], id[r] = token;
+        if (beats(y[r * rows + i], token, value[r], id[r]))
+            value[r] = y[r * rows + i], id[r] = token;
     }
     free(y);
 }
@@ -237,8 +238,8 @@ static void head_argmax(const model_part *m, const float *x, long t, long d, flo
         for (long s = s0; s < s1; s++)
             score_rows(m, x, t, d, m->segments[2 * s], m->segments[2 * s + 1], value + me * t, id + me * t);
     } else {
-        dsv3_share(m->vocab / 4, me, threads, &s0, &s1);
-        score_rows(m, x, t, d, 4 * s0, 4 * (s1 - s0), value + me * t, id + me * t);
+        dsv3_share((m->vocab + 15) / 16, me, threads, &s0, &s1);
+        score_rows(m, x, t, d, 16 * s0, (16 * s1 < m->vocab ? 16 * s1 : m->vocab) - 16 * s0, value + me * t, id + me * t);
     }
     #pragma omp barrier
     for (long r = every ? 0 : r0; r < (every ? t : r1); r++) {

@@ -22,14 +22,14 @@ void dsv3_int4_tiles_block(const uint8_t *tiles, const int8_t *xq, const float *
                            long m, long n, long k, long b);
 void dsv3_int8_corrections(const float *dx, const int32_t *xsum, long m, long k, float *corr);
 void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const float *corr, const int8_t *tiles,
-                             const uint16_t *scale, float *y, long m, long n, long k, long b, int count);
+                             const uint16_t *scale, float *y, long m, long n, long k, long b);
 #endif
 
 /* One matrix of a stack: its bytes (int8: n*k; int4: 576 per 16 x 64 tile) and its bf16 scales (int8 only). */
 typedef struct { const uint8_t *data; const uint16_t *scale; } matrix;
 
 static long matrix_bytes(int bits, long n, long k) { return bits == 8 ? n * k : n * k / 1024 * 576; }
-static long block_rows(int bits) { return bits == 8 ? 4 : 16; }
+#define BLOCK_ROWS 16 /* the weight rows of one block of either tile format (int8: the last may hold fewer) */
 
 static matrix pick(int bits, const void *data, const void *scale, long e, long n, long k) {
     matrix w = { (const uint8_t *)data + e * matrix_bytes(bits, n, k), NULL };
@@ -44,31 +44,29 @@ typedef struct {
     int8_t *xq; float *dx; int32_t *xsum; float *corr;
 } product;
 
-/* Blocks b .. b + count - 1 of product p (count 2: int8 with rounded activations only). */
-static void block(int bits, const product *p, long b, int count) {
+static long blocks_of(const product *p) { return (p->n + BLOCK_ROWS - 1) / BLOCK_ROWS; }
+
+/* Block b of product p. */
+static void block(int bits, const product *p, long b) {
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
     if (bits == 4) {
         dsv3_int4_tiles_block(p->w.data, p->xq, p->dx, p->xsum, p->y, p->m, p->n, p->k, b);
         return;
     }
     if (p->xq) {
-        dsv3_int8_tiles_block_q(p->xq, p->dx, p->corr, (const int8_t *)p->w.data, p->w.scale, p->y, p->m, p->n, p->k, b, count);
+        dsv3_int8_tiles_block_q(p->xq, p->dx, p->corr, (const int8_t *)p->w.data, p->w.scale, p->y, p->m, p->n, p->k, b);
         return;
     }
 #endif
     dsv3_int8_tiles_block(p->x, (const int8_t *)p->w.data, p->w.scale, p->y, p->m, p->n, p->k, b);
 }
 
-/* Blocks t0 .. t1 - 1 of the products, numbered one product after the other. Over 2+ activation rows int8 blocks
- * of one product go in pairs where they can, sharing their activation loads (see int8_tiles.c's group_q: 5632 x
- * 2048, cache-hot, 32 rows 2.23 -> 1.92 ms); at one row the pair's two streams measured slower (0.095 -> 0.110). */
+/* Blocks t0 .. t1 - 1 of the products, numbered one product after the other. */
 static void blocks(int bits, const product *ps, long t0, long t1) {
     long i = 0, base = 0;
     for (long t = t0; t < t1; t++) {
-        while (t - base >= ps[i].n / block_rows(bits)) base += ps[i++].n / block_rows(bits);
-        const int pair = bits == 8 && ps[i].xq && ps[i].m > 1 && t + 1 < t1 && t + 1 - base < ps[i].n / block_rows(bits);
-        block(bits, &ps[i], t - base, pair ? 2 : 1);
-        t += pair;
+        while (t - base >= blocks_of(&ps[i])) base += blocks_of(&ps[i++]);
+        block(bits, &ps[i], t - base);
     }
 }
 
@@ -77,7 +75,7 @@ static void run(int bits, product *ps, long count) {
     long total = 0, work = 0;
     for (long i = 0; i < count; i++) {
         product *p = &ps[i];
-        total += p->n / block_rows(bits);
+        total += blocks_of(p);
         work += p->m * p->n * p->k;
         p->xq = NULL;
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
