@@ -22,11 +22,6 @@
 
 extern int dsv3_prefetching; /* Intel only (see int8_tiles.c) */
 
-static inline __m512 bf16x16_to_ps(const uint8_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* Round each row of x [m, k] to int8 per group of 64 columns (the last one of a row shorter where k % 64 != 0, as
  * int8 weights allow; 4-bit ones are whole groups): xq [m, k], dx [m, groups] (the group's step) and the group's
  * sum of xq. Vectorised, and the same bits as the scalar form: max ignores NaN like fmaxf, vcvtps2dq rounds like
@@ -83,7 +78,7 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *tile,
             }
         }
         for (int m = 0; m < mb; m++) acc[m] = _mm512_add_epi32(acc[m], acc_hi[m]);
-        __m512 scale = bf16x16_to_ps(p), mins = bf16x16_to_ps(p + 2 * ROWS);
+        __m512 scale = dsv3_bf16x16(p), mins = dsv3_bf16x16(p + 2 * ROWS);
         for (int m = 0; m < mb; m++) {
             long gi = (m0 + m) * groups + g;
             out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_mul_ps(scale, _mm512_set1_ps(dx[gi])), out[m]);

@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vmath.h"
+
 #ifndef __AVX512F__
 #error "the int8 tile kernel needs AVX-512F"
 #endif
@@ -30,11 +32,6 @@
 #define BLOCK_ROWS 16
 #define CHUNK_COLS 4 /* a chunk: 16 rows x 4 columns, one zmm */
 #define MAX_M 4      /* activation rows sharing one weight vector */
-
-/* The 16 bf16 scales at s as fp32 (bf16 is fp32's top half). */
-static inline __m512 bf16x16(const uint16_t *s) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)s)), 16));
-}
 
 /* Sum of each 128-bit lane (4 floats) of v. */
 static inline __m128 lane_sums(__m512 v) {
@@ -176,7 +173,7 @@ static inline __attribute__((always_inline)) void block_rows_q(const int8_t *xq,
         case 2: group_q(xq, dx, last, k, groups, full, m0, mb, 8, out); break;
         case 1: group_q(xq, dx, last, k, groups, full, m0, mb, 4, out); break;
     }
-    const __m512 s = bf16x16(scale + n0);
+    const __m512 s = dsv3_bf16x16(scale + n0);
     for (int m = 0; m < mb; m++)
         _mm512_storeu_ps(y + (m0 + m) * n + n0, _mm512_mul_ps(_mm512_sub_ps(out[m], _mm512_set1_ps(corr[m0 + m])), s));
 }
@@ -235,7 +232,7 @@ static inline __attribute__((always_inline)) void block_rows_w8a8(const int8_t *
     }
     for (int t = 0; t < blocks; t++) {
         const long r = n0 + t * BLOCK_ROWS;
-        const __m512 s = bf16x16(scale + r);
+        const __m512 s = dsv3_bf16x16(scale + r);
         for (int m = 0; m < mb; m++) {
             const __m512i sum = _mm512_sub_epi32(acc[t][m], _mm512_set1_epi32(128 * xsum[m0 + m]));
             _mm512_storeu_ps(y + (m0 + m) * n + r, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[m0 + m])), s));

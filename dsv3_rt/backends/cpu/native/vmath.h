@@ -8,6 +8,11 @@ static inline __mmask16 dsv3_lanes(long left) {
     return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
 }
 
+/* The 16 bf16 values at p as fp32 (bf16 is fp32's top half). */
+static inline __m512 dsv3_bf16x16(const void *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
 /* exp of 16 floats within ~1 ulp of expf (Cephes' expf polynomial: x = n ln2 + r with |r| <= ln2 / 2, then
  * 2^n by vscalefps, which over- and underflows to inf and 0 as expf does; NaN stays NaN). A scalar expf call per
  * element was ~6 % of a default-model MLA block and ~4 % of its MoE block (the softmax and the SwiGLU). */
