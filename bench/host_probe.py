@@ -12,15 +12,11 @@ second notices. The probe runs before and after a benchmark run; moments change 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import statistics
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from dsv3_rt.backends.cpu.native import c_compiler
+from dsv3_rt.backends.cpu.native import build_library, c_compiler
 
 SOURCE = Path(__file__).resolve().parent / "host_probe.c"
 NEIGHBOURS_NS = 150  # round trips below this: the two vCPUs share an L3
@@ -32,14 +28,10 @@ def _library() -> ctypes.CDLL | None:
     compiler = c_compiler()
     if compiler is None:
         return None
-    flags = ["-O2", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    out = Path(tempfile.gettempdir()) / f"dsv3rt-host-probe-{key}.so"  # built once per source and compiler
-    if not out.is_file():
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        if subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True).returncode != 0:
-            return None
-        tmp.replace(out)
+    try:
+        out = build_library("dsv3rt_host_probe", (SOURCE,), ("-O2", "-fopenmp", "-shared", "-fPIC"), compiler)
+    except RuntimeError:
+        return None
     lib = ctypes.CDLL(str(out))
     lib.host_pingpong_ns.restype, lib.host_pingpong_ns.argtypes = ctypes.c_double, [ctypes.c_long]
     lib.host_compute_seconds.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_double)]

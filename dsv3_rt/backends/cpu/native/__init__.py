@@ -22,7 +22,7 @@ import torch
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("int8_tiles.c", "int4_tiles.c", "mlp.c", "ops.c", "mla_block.c", "moe_block.c",
                                                      "layers.c", "convert.c"))
-HEADERS = tuple(Path(__file__).with_name(f) for f in ("vmath.h", "team.h"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("vmath.h", "team.h", "tiles.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _reason: str | None = None
@@ -49,19 +49,21 @@ def c_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(compiler: str) -> Path:
-    """Compile SOURCES into one shared library named by a hash of everything that shapes it (the source,
-    the flags, the compiler, the CPU -march=native targets); reuse it when it exists."""
+def build_library(name: str, sources: tuple[Path, ...], flags: tuple[str, ...], compiler: str,
+                  headers: tuple[Path, ...] = ()) -> Path:
+    """Compile `sources` into one shared library in `cache_dir()`, `name` and a hash of everything that shapes it (the
+    sources and headers, the flags, the compiler, the CPU for -march=native); reuse it when it exists. RuntimeError
+    with the compiler's first error line where it fails."""
     key = hashlib.sha256()
-    for part in [s.read_bytes() for s in SOURCES + HEADERS] + [" ".join(FLAGS).encode(), compiler.encode(), _cpu_model().encode()]:
+    for part in [s.read_bytes() for s in sources + headers] + [" ".join(flags).encode(), compiler.encode(), _cpu_model().encode()]:
         key.update(part)
-    out = cache_dir() / f"dsv3_rt_cpu_{key.hexdigest()[:16]}.so"
+    out = cache_dir() / f"{name}_{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: ranks may race
         tmp_out = Path(tmp) / out.name
-        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(tmp_out)], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, *map(str, sources), "-o", str(tmp_out)], capture_output=True, text=True)
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or [f"{compiler} failed"]
             raise RuntimeError(errors[0])
@@ -84,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         _reason = "no C compiler (cc/gcc) on PATH"
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(build_library("dsv3_rt_cpu", SOURCES, FLAGS, compiler, HEADERS)))
     except (OSError, RuntimeError) as e:
         _reason = f"could not build the C kernels: {e}"
         return None

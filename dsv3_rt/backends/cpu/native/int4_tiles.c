@@ -11,13 +11,13 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "tiles.h"
 #include "vmath.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 
-#define ROWS 16
 #define GROUP 64
-#define TILE_BYTES (2 * ROWS * 2 + ROWS * GROUP / 2) /* scales, minimums, nibbles: 576 */
+#define TILE_BYTES (2 * DSV3_BLOCK_ROWS * 2 + DSV3_BLOCK_ROWS * GROUP / 2) /* scales, minimums, nibbles: 576 */
 #define MAX_M 4
 
 extern int dsv3_prefetching; /* Intel only (see int8_tiles.c) */
@@ -69,7 +69,7 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *tile,
         __m512i acc[MAX_M], acc_hi[MAX_M];
         for (int m = 0; m < mb; m++) acc[m] = acc_hi[m] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
-            __m512i v = _mm512_loadu_si512(p + 2 * ROWS * 2 + 64 * j);
+            __m512i v = _mm512_loadu_si512(p + 2 * DSV3_BLOCK_ROWS * 2 + 64 * j);
             __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             for (int m = 0; m < mb; m++) {
                 const int8_t *a = xq + (m0 + m) * k + g * GROUP + 8 * j;
@@ -78,7 +78,7 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *tile,
             }
         }
         for (int m = 0; m < mb; m++) acc[m] = _mm512_add_epi32(acc[m], acc_hi[m]);
-        __m512 scale = dsv3_bf16x16(p), mins = dsv3_bf16x16(p + 2 * ROWS);
+        __m512 scale = dsv3_bf16x16(p), mins = dsv3_bf16x16(p + 2 * DSV3_BLOCK_ROWS);
         for (int m = 0; m < mb; m++) {
             long gi = (m0 + m) * groups + g;
             out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_mul_ps(scale, _mm512_set1_ps(dx[gi])), out[m]);
@@ -94,11 +94,11 @@ void dsv3_int4_tiles_block(const uint8_t *tiles, const int8_t *xq, const float *
                           long m, long n, long k, long b) {
     const uint8_t *tile = tiles + b * (k / GROUP) * TILE_BYTES;
     long m0 = 0;
-    for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, MAX_M);
+    for (; m0 + MAX_M <= m; m0 += MAX_M) tile_rows(tile, xq, dx, xsum, y, n, k, b * DSV3_BLOCK_ROWS, m0, MAX_M);
     switch (m - m0) {
-        case 3: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 3); break;
-        case 2: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 2); break;
-        case 1: tile_rows(tile, xq, dx, xsum, y, n, k, b * ROWS, m0, 1); break;
+        case 3: tile_rows(tile, xq, dx, xsum, y, n, k, b * DSV3_BLOCK_ROWS, m0, 3); break;
+        case 2: tile_rows(tile, xq, dx, xsum, y, n, k, b * DSV3_BLOCK_ROWS, m0, 2); break;
+        case 1: tile_rows(tile, xq, dx, xsum, y, n, k, b * DSV3_BLOCK_ROWS, m0, 1); break;
     }
 }
 

@@ -23,13 +23,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tiles.h"
 #include "vmath.h"
 
 #ifndef __AVX512F__
 #error "the int8 tile kernel needs AVX-512F"
 #endif
 
-#define BLOCK_ROWS 16
 #define CHUNK_COLS 4 /* a chunk: 16 rows x 4 columns, one zmm */
 #define MAX_M 4      /* activation rows sharing one weight vector */
 
@@ -49,7 +49,7 @@ static inline __attribute__((always_inline)) void block_rows_f32(const float *x,
     for (int m = 0; m < mb; m++)
         for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
     for (long c = 0; c < k; c += CHUNK_COLS) {
-        const int8_t *p = block + c * BLOCK_ROWS;
+        const int8_t *p = block + c * DSV3_BLOCK_ROWS;
         __m512 xv[MAX_M];
         for (int m = 0; m < mb; m++) xv[m] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + (m0 + m) * k + c));
         for (int q = 0; q < 4; q++) {
@@ -57,10 +57,11 @@ static inline __attribute__((always_inline)) void block_rows_f32(const float *x,
             for (int m = 0; m < mb; m++) acc[m][q] = _mm512_fmadd_ps(wv, xv[m], acc[m][q]);
         }
     }
-    for (int q = 0; q < 4; q++) {
-        const __m128 s = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(scale + n0 + 4 * q))), 16));
-        for (int m = 0; m < mb; m++) _mm_storeu_ps(y + (m0 + m) * n + n0 + 4 * q, _mm_mul_ps(lane_sums(acc[m][q]), s));
-    }
+    float s[DSV3_BLOCK_ROWS];
+    _mm512_storeu_ps(s, dsv3_bf16x16(scale + n0));
+    for (int q = 0; q < 4; q++)
+        for (int m = 0; m < mb; m++)
+            _mm_storeu_ps(y + (m0 + m) * n + n0 + 4 * q, _mm_mul_ps(lane_sums(acc[m][q]), _mm_loadu_ps(s + 4 * q)));
 }
 
 /* A matrix's last block where n % 16 != 0 (a draft vocabulary's head): the kernels read whole blocks, so it runs as a
@@ -68,24 +69,24 @@ static inline __attribute__((always_inline)) void block_rows_f32(const float *x,
  * rows are then copied out. At most one block a product, and only for such a matrix. */
 typedef struct {
     int8_t *data; /* [16 * k] */
-    uint16_t scale[BLOCK_ROWS];
+    uint16_t scale[DSV3_BLOCK_ROWS];
     float *y;     /* [m, 16] */
     long rows;
 } tail_block;
 
-static int is_tail(long n, long b) { return n - b * BLOCK_ROWS < BLOCK_ROWS; }
+static int is_tail(long n, long b) { return n - b * DSV3_BLOCK_ROWS < DSV3_BLOCK_ROWS; }
 
 static tail_block tail_new(const int8_t *tiles, const uint16_t *scale, long m, long n, long k, long b) {
-    tail_block t = { calloc(BLOCK_ROWS * k, 1), { 0 }, malloc(m * BLOCK_ROWS * sizeof(float)), n - b * BLOCK_ROWS };
-    const int8_t *src = tiles + b * BLOCK_ROWS * k;
+    tail_block t = { calloc(DSV3_BLOCK_ROWS * k, 1), { 0 }, malloc(m * DSV3_BLOCK_ROWS * sizeof(float)), n - b * DSV3_BLOCK_ROWS };
+    const int8_t *src = tiles + b * DSV3_BLOCK_ROWS * k;
     for (long c = 0; c < k / CHUNK_COLS; c++) memcpy(t.data + 64 * c, src + c * t.rows * CHUNK_COLS, t.rows * CHUNK_COLS);
-    memcpy(t.scale, scale + b * BLOCK_ROWS, t.rows * sizeof(uint16_t));
+    memcpy(t.scale, scale + b * DSV3_BLOCK_ROWS, t.rows * sizeof(uint16_t));
     return t;
 }
 
 /* Rows r0 .. r1 - 1 of the tail's output into y [.., n] at column n0, and its buffers freed. */
 static void tail_done(tail_block *t, float *y, long r0, long r1, long n, long n0) {
-    for (long r = r0; r < r1; r++) memcpy(y + r * n + n0, t->y + r * BLOCK_ROWS, t->rows * sizeof(float));
+    for (long r = r0; r < r1; r++) memcpy(y + r * n + n0, t->y + r * DSV3_BLOCK_ROWS, t->rows * sizeof(float));
     free(t->y);
     free(t->data);
 }
@@ -108,11 +109,11 @@ void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *
                           long b) {
     if (is_tail(n, b)) {
         tail_block t = tail_new(tiles, scale, m, n, k, b);
-        whole_block_f32(x, t.data, t.scale, t.y, m, BLOCK_ROWS, k, 0);
-        tail_done(&t, y, 0, m, n, b * BLOCK_ROWS);
+        whole_block_f32(x, t.data, t.scale, t.y, m, DSV3_BLOCK_ROWS, k, 0);
+        tail_done(&t, y, 0, m, n, b * DSV3_BLOCK_ROWS);
         return;
     }
-    whole_block_f32(x, tiles + b * BLOCK_ROWS * k, scale, y, m, n, k, b * BLOCK_ROWS);
+    whole_block_f32(x, tiles + b * DSV3_BLOCK_ROWS * k, scale, y, m, n, k, b * DSV3_BLOCK_ROWS);
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -166,8 +167,8 @@ static inline __attribute__((always_inline)) void block_rows_q(const int8_t *xq,
     __m512 out[MAX_M];
     for (int m = 0; m < mb; m++) out[m] = _mm512_setzero_ps();
     for (long g = 0; g < full; g++)
-        group_q(xq, dx, block + g * GROUP * BLOCK_ROWS, k, groups, g, m0, mb, GROUP / CHUNK_COLS, out);
-    const int8_t *last = block + full * GROUP * BLOCK_ROWS;
+        group_q(xq, dx, block + g * GROUP * DSV3_BLOCK_ROWS, k, groups, g, m0, mb, GROUP / CHUNK_COLS, out);
+    const int8_t *last = block + full * GROUP * DSV3_BLOCK_ROWS;
     switch ((k - full * GROUP) / 16) {  /* k % 16 == 0 */
         case 3: group_q(xq, dx, last, k, groups, full, m0, mb, 12, out); break;
         case 2: group_q(xq, dx, last, k, groups, full, m0, mb, 8, out); break;
@@ -205,11 +206,11 @@ void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const float *cor
                              const uint16_t *scale, float *y, long m, long n, long k, long b) {
     if (is_tail(n, b)) {
         tail_block t = tail_new(tiles, scale, m, n, k, b);
-        whole_block_q(xq, dx, corr, t.data, t.scale, t.y, m, BLOCK_ROWS, k, 0);
-        tail_done(&t, y, 0, m, n, b * BLOCK_ROWS);
+        whole_block_q(xq, dx, corr, t.data, t.scale, t.y, m, DSV3_BLOCK_ROWS, k, 0);
+        tail_done(&t, y, 0, m, n, b * DSV3_BLOCK_ROWS);
         return;
     }
-    whole_block_q(xq, dx, corr, tiles + b * BLOCK_ROWS * k, scale, y, m, n, k, b * BLOCK_ROWS);
+    whole_block_q(xq, dx, corr, tiles + b * DSV3_BLOCK_ROWS * k, scale, y, m, n, k, b * DSV3_BLOCK_ROWS);
 }
 
 /* Rows n0 .. n0 + 16 * blocks - 1 of y (`blocks` consecutive weight blocks, 1 or 2) for activation rows m0 .. m0 + mb
@@ -224,14 +225,14 @@ static inline __attribute__((always_inline)) void block_rows_w8a8(const int8_t *
         for (int m = 0; m < mb; m++) acc[t][m] = _mm512_setzero_si512();
     for (long c = 0; c < k; c += CHUNK_COLS) {
         __m512i w[2];
-        for (int t = 0; t < blocks; t++) w[t] = _mm512_xor_si512(_mm512_loadu_si512(block + t * BLOCK_ROWS * k + c * BLOCK_ROWS), flip);
+        for (int t = 0; t < blocks; t++) w[t] = _mm512_xor_si512(_mm512_loadu_si512(block + t * DSV3_BLOCK_ROWS * k + c * DSV3_BLOCK_ROWS), flip);
         for (int m = 0; m < mb; m++) {
             const __m512i a = quad(xq, k, m0 + m, c);
             for (int t = 0; t < blocks; t++) acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], w[t], a);
         }
     }
     for (int t = 0; t < blocks; t++) {
-        const long r = n0 + t * BLOCK_ROWS;
+        const long r = n0 + t * DSV3_BLOCK_ROWS;
         const __m512 s = dsv3_bf16x16(scale + r);
         for (int m = 0; m < mb; m++) {
             const __m512i sum = _mm512_sub_epi32(acc[t][m], _mm512_set1_epi32(128 * xsum[m0 + m]));
@@ -278,7 +279,7 @@ void dsv3_int8_tiles_w8a8(const float *x, const int8_t *tiles, const uint16_t *s
         xs[r] = step;
         xsum[r] = _mm512_reduce_add_epi32(sum);
     }
-    const long whole = n / BLOCK_ROWS, pairs = whole / 2, items = pairs + whole % 2 + (n % BLOCK_ROWS != 0);
+    const long whole = n / DSV3_BLOCK_ROWS, pairs = whole / 2, items = pairs + whole % 2 + (n % DSV3_BLOCK_ROWS != 0);
     for (long r0 = 0; r0 < m; r0 += W8A8_ROWS) {
         const long r1 = m - r0 < W8A8_ROWS ? m : r0 + W8A8_ROWS;
         #pragma omp parallel for schedule(static)
@@ -286,12 +287,12 @@ void dsv3_int8_tiles_w8a8(const float *x, const int8_t *tiles, const uint16_t *s
             const long b = p < pairs ? 2 * p : p == pairs && whole % 2 ? whole - 1 : whole;
             if (b == whole) {  /* the tail */
                 tail_block t = tail_new(tiles, scale, m, n, k, b);
-                blocks_w8a8(xq, xs, xsum, t.data, t.scale, t.y, BLOCK_ROWS, k, 0, r0, r1, 1);
-                tail_done(&t, y, r0, r1, n, b * BLOCK_ROWS);
+                blocks_w8a8(xq, xs, xsum, t.data, t.scale, t.y, DSV3_BLOCK_ROWS, k, 0, r0, r1, 1);
+                tail_done(&t, y, r0, r1, n, b * DSV3_BLOCK_ROWS);
             } else if (p < pairs) {
-                blocks_w8a8(xq, xs, xsum, tiles + b * BLOCK_ROWS * k, scale, y, n, k, b * BLOCK_ROWS, r0, r1, 2);
+                blocks_w8a8(xq, xs, xsum, tiles + b * DSV3_BLOCK_ROWS * k, scale, y, n, k, b * DSV3_BLOCK_ROWS, r0, r1, 2);
             } else {
-                blocks_w8a8(xq, xs, xsum, tiles + b * BLOCK_ROWS * k, scale, y, n, k, b * BLOCK_ROWS, r0, r1, 1);
+                blocks_w8a8(xq, xs, xsum, tiles + b * DSV3_BLOCK_ROWS * k, scale, y, n, k, b * DSV3_BLOCK_ROWS, r0, r1, 1);
             }
         }
     }

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "team.h"
+#include "tiles.h"
 
 typedef struct block_args block_args; /* mla_block.c */
 typedef struct moe_args moe_args;     /* moe_block.c */
@@ -202,13 +203,15 @@ static long token_argmax(const float *y, long n, const int64_t *ids) {
     return i;
 }
 
-/* Rows [first, first + n) of m's head against x [t, d] (whole 16-row blocks, the first n scored): each row's best
- * token folded into value, id [t]. */
+/* Rows [first, first + n) of m's head (those it has) against x [t, d] (whole 16-row blocks, the first n scored): each
+ * row's best token folded into value, id [t]. */
 static void score_rows(const model_part *m, const float *x, long t, long d, long first, long n, float *value, int64_t *id) {
+    if (n > m->vocab - first)
+        n = m->vocab - first;
     if (n <= 0)
         return;
     /* whole blocks: n up to a multiple of 16 rows, or to the head's end (whose last block may hold fewer) */
-    const long up = (n + 15) & ~15L, rows = up < m->vocab - first ? up : m->vocab - first;
+    const long b = DSV3_BLOCK_ROWS, up = (n + b - 1) / b * b, rows = up < m->vocab - first ? up : m->vocab - first;
     const int64_t *ids = m->head_ids ? m->head_ids + first : NULL;
     float *y = malloc(t * rows * sizeof(float));
     dsv3_tiles_matmul(8, x, (const int8_t *)m->head + first * d, (const uint16_t *)m->head_scale + first, y, t, rows, d);
@@ -238,8 +241,9 @@ static void head_argmax(const model_part *m, const float *x, long t, long d, flo
         for (long s = s0; s < s1; s++)
             score_rows(m, x, t, d, m->segments[2 * s], m->segments[2 * s + 1], value + me * t, id + me * t);
     } else {
-        dsv3_share((m->vocab + 15) / 16, me, threads, &s0, &s1);
-        score_rows(m, x, t, d, 16 * s0, (16 * s1 < m->vocab ? 16 * s1 : m->vocab) - 16 * s0, value + me * t, id + me * t);
+        const long b = DSV3_BLOCK_ROWS;
+        dsv3_share((m->vocab + b - 1) / b, me, threads, &s0, &s1);
+        score_rows(m, x, t, d, b * s0, b * (s1 - s0), value + me * t, id + me * t);  /* (clipped to the head there) */
     }
     #pragma omp barrier
     for (long r = every ? 0 : r0; r < (every ? t : r1); r++) {

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "team.h"
+#include "tiles.h"
 #include "vmath.h"
 
 void dsv3_int8_tiles_block(const float *x, const int8_t *tiles, const uint16_t *scale, float *y, long m, long n, long k,
@@ -29,7 +30,6 @@ void dsv3_int8_tiles_block_q(const int8_t *xq, const float *dx, const float *cor
 typedef struct { const uint8_t *data; const uint16_t *scale; } matrix;
 
 static long matrix_bytes(int bits, long n, long k) { return bits == 8 ? n * k : n * k / 1024 * 576; }
-#define BLOCK_ROWS 16 /* the weight rows of one block of either tile format (int8: the last may hold fewer) */
 
 static matrix pick(int bits, const void *data, const void *scale, long e, long n, long k) {
     matrix w = { (const uint8_t *)data + e * matrix_bytes(bits, n, k), NULL };
@@ -44,7 +44,7 @@ typedef struct {
     int8_t *xq; float *dx; int32_t *xsum; float *corr;
 } product;
 
-static long blocks_of(const product *p) { return (p->n + BLOCK_ROWS - 1) / BLOCK_ROWS; }
+static long blocks_of(const product *p) { return (p->n + DSV3_BLOCK_ROWS - 1) / DSV3_BLOCK_ROWS; }
 
 /* Block b of product p. */
 static void block(int bits, const product *p, long b) {
