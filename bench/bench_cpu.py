@@ -65,7 +65,7 @@ def probed_decode(decode_run, args: argparse.Namespace) -> dict:  # noqa: ANN001
     the peak RSS is taken: the buffer is not the engine's memory."""
     import torch
 
-    from dsv3_rt.backends.cpu.formats import weight_buffer
+    from dsv3_rt.backends.cpu.memory import weight_buffer
 
     torch.set_num_threads(args.threads)
     buf = weight_buffer((args.bw_bytes // 4,), torch.float32).fill_(1)

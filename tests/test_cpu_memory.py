@@ -1,6 +1,7 @@
 """The cpu backend's bounded-memory paths compute exactly what the whole-matrix ones did, bit for bit: load-time
 conversion a few rows at a time, prefill GEMMs that widen a slice of the weight at a time, fresh-prompt
-attention over groups of heads, and experts stacked as they are read."""
+attention over groups of heads, and experts stacked as they are read. And its weight buffers: small ones carved
+apart from shared chunks on huge pages."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv3_rt.backends.cpu import CpuBackend, attention, formats, matmul, native
+from dsv3_rt.backends.cpu import CpuBackend, attention, formats, matmul, memory, native
 from dsv3_rt.core.checkpoint import RandomSource
 from dsv3_rt.core.config import ModelConfig
 from dsv3_rt.core.errors import CheckpointError
@@ -210,3 +211,54 @@ def test_by_rows_equals_one_gemm_on_large_shapes():
         assert bool(((a - b).abs() <= torch.finfo(torch.bfloat16).eps * torch.maximum(a.abs(), b.abs()) + 1e-6).all())
     else:
         assert torch.equal(whole, sliced)
+
+
+def _thp_mode() -> str | None:
+    """The transparent huge page mode in force ("always", "madvise", "never"), None where there is none to read."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages (KiB) of this process's mapping that holds `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_small_weight_buffers_are_apart_and_aligned():
+    """Small buffers (a chunk's worth and more, so they span chunks) keep what was written to each, start on a cache
+    line and never overlap; a buffer of a huge page or more is a tensor of its own."""
+    shapes = [((37, 5), torch.int8), ((300, 192), torch.bfloat16), ((1000, 257), torch.float32), ((3, 7, 11), torch.uint8)]
+    bufs = [memory.weight_buffer(shape, dtype) for _ in range(20) for shape, dtype in shapes]
+    for i, b in enumerate(bufs):
+        b.copy_(torch.full(b.shape, i % 100, dtype=torch.int32))
+    for i, b in enumerate(bufs):
+        assert b.is_contiguous() and b.data_ptr() % 64 == 0
+        assert torch.equal(b, torch.full(b.shape, i % 100, dtype=b.dtype))
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.nbytes) for b in bufs)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    assert len({b.untyped_storage().data_ptr() for b in bufs}) > 1  # more than one chunk was used
+    big = memory.weight_buffer((memory.HUGE_PAGE,), torch.int8)
+    assert big.untyped_storage().nbytes() == memory.HUGE_PAGE
+
+
+def test_small_weight_buffers_get_huge_pages():
+    """A chunk of small buffers, once written, is backed by huge pages: what gives the default model's weights (each
+    under 0.75 MiB, which alone would stay on 4 KiB pages) their TLB reach."""
+    mode = _thp_mode()
+    if mode not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are not available here (mode: {mode})")
+    bufs = [memory.weight_buffer((512, 1024), torch.int8) for _ in range(8)]  # 4 MiB of 0.5 MiB buffers
+    for b in bufs:
+        b.fill_(1)
+    assert max(_anon_huge_kib(b.data_ptr()) for b in bufs) >= memory.HUGE_PAGE // 1024

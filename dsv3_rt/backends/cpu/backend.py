@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import attention, layers, moe, native, small_ops
 from dsv3_rt.backends.cpu.formats import (can_tile, can_tile_int4, convert_rows, fp8_to_dense, quantize_int4, quantize_int4_tiles_weight,
-                                          quantize_int8_weight, release_free_heap)
+                                          quantize_int8_weight)
 from dsv3_rt.backends.cpu.matmul import int8_tiles_argmax, matmul
+from dsv3_rt.backends.cpu.memory import release_free_heap
 from dsv3_rt.conformance.tolerances import Tolerance
 from dsv3_rt.core import ggml_act
 from dsv3_rt.core.batch import AttnBatch

@@ -15,17 +15,15 @@ reads is the scale the values were rounded for (no clipping, no second rounding)
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import itertools
 import math
-import sys
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from dsv3_rt.backends.cpu import native
+from dsv3_rt.backends.cpu.memory import weight_buffer
 from dsv3_rt.core.weights import FP8_BLOCK, Weight, _expand_block_scale, register_format
 
 INT4_GROUP = 64  # 4.5 bits per weight with bf16 scale + zero (llama.cpp Q4_K_M averages ~4.8)
@@ -127,42 +125,6 @@ def row_blocks(w: Weight, align: int = 1) -> Iterator[tuple[tuple[int, ...], int
         else:
             scale = w.scale[r0:r1]
         yield (), r0, r1, Weight(w.format, w.data[r0:r1], (r1 - r0, k), scale, w.meta)
-
-
-HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    if sys.platform != "linux":
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
-def release_free_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc `malloc_trim`). Converting a weight frees its
-    temporaries between long-lived weight buffers, and glibc keeps such holes: trimming after each weight took
-    the bench preset's int8 load from a 1876 to a 1754 MiB peak (1638 MiB after it, against 1798)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only (musl has none)
-        libc.malloc_trim(0)
-
-
-def weight_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor for weights that decoding streams, its whole 2 MiB pages marked for transparent huge
-    pages before they are first touched (Linux). With 4 KiB pages every 4 KiB of a stream costs a TLB miss and a
-    restart of the hardware prefetcher: the int8 kernel over 460 MB of weights ran at 22.4 GB/s on 4 KiB pages and
-    30.1 GB/s on huge pages here (medians of 6 interleaved runs)."""
-    t = torch.empty(shape, dtype=dtype)
-    libc = _libc()
-    start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
-    if libc is not None and end > start:
-        libc.madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: an error leaves 4 KiB pages
-    return t
 
 
 def quantize_int8_weight(w: Weight, tiled: bool) -> Weight:
