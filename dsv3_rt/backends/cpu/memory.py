@@ -79,8 +79,8 @@ _small = _SmallBuffers()
 def weight_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous tensor for weights that decoding streams, on huge pages where the OS gives them:
     the int8 kernel over 460 MB of weights ran at 22.4 GB/s on 4 KiB pages and 30.1 GB/s on huge pages here (medians
-    of 6 interleaved runs); the default model's int8 plain decoding, its small buffers carved from shared huge pages,
-    ran 9 % faster (per host state, 16 alternating runs)."""
+    of 6 interleaved runs); with its small buffers carved from shared huge pages, the default model's plain decoding
+    ran 3-9 % faster (alternating invocations per host state, docs/performance-log.md)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if 0 < nbytes < HUGE_PAGE:
         return _small.take(nbytes).view(dtype).view(shape)
