@@ -13,7 +13,7 @@ plain one, split between verifying a second token and drafting the next with the
 `host_probe.py` measures how the host runs the two threads (a cache line's round trip between them, and each one's
 compute and read slowdown beside the other), and the speedups are also given per host state: on a shared VM a k = 1 step,
 which keeps both threads busy and talking, costs 1.25 plain steps where the vCPUs sit on idle cores that share an L3
-and 1.5-1.8 where they do not. Targets: >= 1.4x at k = 1 and acceptance >= 60% on the dtype whose plain decoding is
+and 1.4-1.8 where they do not. Targets: >= 1.4x at k = 1 and acceptance >= 60% on the dtype whose plain decoding is
 fastest, over every run. Writes bench/results/mtp-<date>.json.
 
     python bench/bench_mtp.py            # 64 new tokens, 6 prompts, 5 runs, dtypes float32 bfloat16 int8 int4

@@ -1,6 +1,6 @@
 """How the host runs this process's two threads at the moment: a probe for benchmarks on a shared VM.
 
-On the 2-vCPU VM the MTP benchmark runs on, the same k = 1 step costs 1.25 plain steps in one minute and 1.5-1.8 in
+On the 2-vCPU VM the MTP benchmark runs on, the same k = 1 step costs 1.25 plain steps in one minute and 1.4-1.8 in
 the next, with nothing else running in the guest. `host_probe.c` measures three things in ~30 ms: the round trip of
 a cache line between the two threads (~60 ns where the vCPUs sit on cores that share an L3, ~320 ns where they sit
 in different core complexes, ~30 ns on one core's two hyperthreads), and how much slower each thread computes, and
